@@ -1,0 +1,41 @@
+"""The Persistence Service: batched, coalesced writes of translation sessions and tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from persistence.config import Settings, load_settings
+from persistence.version import __version__
+
+__all__ = ["__version__", "create_app"]
+
+
+def create_app(config: Settings | Mapping[str, Mapping[str, Any]] | None = None) -> Flask:
+    """Build the WSGI application. Starts no thread and opens no connection.
+
+    ``config`` is either ready :class:`~persistence.config.Settings` or a
+    nested mapping of overrides applied on top of config.yaml and the
+    environment (e.g. ``{"database": {"driver": "sqlite"}}``). Threads and the
+    connection pool start with ``app.extensions["persistence"].start()``,
+    which gunicorn.conf.py calls in each worker after the fork.
+    """
+    from persistence import cli, errors, logs
+    from persistence.api import register_blueprints
+    from persistence.jsonprovider import OrjsonProvider
+    from persistence.service import PersistenceService
+
+    settings = config if isinstance(config, Settings) else load_settings(overrides=config)
+    logs.configure_logging(settings.logging)
+
+    app = Flask(__name__)
+    app.json = OrjsonProvider(app)
+    # Werkzeug enforces this also on bodies sent without Content-Length.
+    app.config["MAX_CONTENT_LENGTH"] = settings.service.max_request_bytes
+    app.extensions["persistence"] = PersistenceService(settings)
+    errors.register_error_handlers(app)
+    register_blueprints(app)
+    cli.init_app(app)
+    return app

@@ -1,0 +1,42 @@
+"""``POST /api/v1/persistence/sessions/batch`` and ``.../tasks/batch``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+
+from persistence.api import service
+from persistence.errors import PayloadTooLarge, UnsupportedMediaType
+from persistence.flusher import iso, utc_now
+from persistence.intake import decode_json
+from persistence.records import SESSIONS, TASKS, RecordType
+
+bp = Blueprint("ingest", __name__, url_prefix="/api/v1/persistence")
+
+
+@bp.post("/sessions/batch")
+def sessions_batch() -> Response:
+    return _accept(SESSIONS)
+
+
+@bp.post("/tasks/batch")
+def tasks_batch() -> Response:
+    return _accept(TASKS)
+
+
+def _accept(kind: RecordType) -> Response:
+    count = service().accept(kind, decode_json(_json_body()))
+    return jsonify(status="accepted", count=count, timestamp=iso(utc_now()))
+
+
+def _json_body() -> bytes:
+    """The raw body of a JSON request within the size limit, or a 413/415 error."""
+    if not request.is_json:
+        sent = request.mimetype or "none"
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {sent}.")
+    limit = service().settings.service.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"Request body is {request.content_length} bytes; the limit is {limit} bytes "
+            "(service.max_request_bytes). Send smaller batches."
+        )
+    return request.get_data(cache=False)

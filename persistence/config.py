@@ -1,0 +1,335 @@
+"""Settings: defaults < config.yaml < environment < explicit overrides.
+
+Settings are loaded and validated once, at start, and passed down
+explicitly. Nothing else in the package reads the environment.
+
+A bad value raises :class:`ConfigError` whose message is one line naming the
+key, the value and what is allowed, e.g.::
+
+    buffer.flush_interval = 'soon' (from BUFFER_FLUSH_INTERVAL): must be a number > 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_PATH_ENV = "PERSISTENCE_CONFIG"
+DEFAULT_CONFIG_PATH = "config.yaml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DRIVERS = ("sqlite", "mysql")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _setting(
+    default: Any,
+    env: str | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """Declare one setting: its default, its environment variable and its rule.
+
+    ``check`` returns None when the value is allowed, else the sentence that
+    says what is allowed.
+    """
+    kwargs: dict[str, Any] = {"metadata": {"env": env, "check": check}}
+    if isinstance(default, (list, tuple)):
+        kwargs["default_factory"] = lambda: tuple(default)
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}"
+
+    return check
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _one_of(*allowed: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _non_empty(value: Any) -> str | None:
+    return None if len(value) > 0 else "must not be empty"
+
+
+def _status_set(value: Any) -> str | None:
+    if not value:
+        return "must list at least one status"
+    too_long = [s for s in value if not 0 < len(s) <= 20]
+    return f"each status must be 1 to 20 characters, not {too_long[0]!r}" if too_long else None
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    host: str = _setting("0.0.0.0", "SERVICE_HOST", _non_empty)
+    port: int = _setting(8001, "SERVICE_PORT", _between(1, 65535))
+    workers: int = _setting(1, "SERVICE_WORKERS", _between(1, 64))
+    threads: int = _setting(8, "SERVICE_THREADS", _between(1, 256))
+    reload: bool = _setting(False, "SERVICE_RELOAD")
+    log_level: str = _setting("INFO", "SERVICE_LOG_LEVEL", _one_of(*LOG_LEVELS))
+    graceful_timeout: int = _setting(30, "SERVICE_GRACEFUL_TIMEOUT", _between(1, 3600))
+    max_request_bytes: int = _setting(
+        10 * 1024 * 1024, "SERVICE_MAX_REQUEST_BYTES", _between(1024, 1024**3)
+    )
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    max_buffer_size: int = _setting(1000, "BUFFER_MAX_SIZE", _between(1, 10_000_000))
+    flush_interval: float = _setting(30.0, "BUFFER_FLUSH_INTERVAL", _between(0.1, 86400))
+    max_batch_size: int = _setting(1000, "BUFFER_MAX_BATCH_SIZE", _between(1, 1_000_000))
+    hard_limit: int = _setting(100_000, "BUFFER_HARD_LIMIT", _between(1, 100_000_000))
+    orphan_task_timeout: float = _setting(
+        600.0, "BUFFER_ORPHAN_TASK_TIMEOUT", _between(0, 7 * 86400)
+    )
+    retry_backoff_initial: float = _setting(
+        1.0, "BUFFER_RETRY_BACKOFF_INITIAL", _between(0.01, 3600)
+    )
+    retry_backoff_max: float = _setting(60.0, "BUFFER_RETRY_BACKOFF_MAX", _between(0.01, 86400))
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    driver: str = _setting("sqlite", "DB_DRIVER", _one_of(*DRIVERS))
+    sqlite_path: str = _setting("data/persistence.db", "DB_SQLITE_PATH", _non_empty)
+    host: str = _setting("localhost", "DB_HOST", _non_empty)
+    port: int = _setting(3306, "DB_PORT", _between(1, 65535))
+    user: str = _setting("root", "DB_USER", _non_empty)
+    password: str = _setting("", "DB_PASSWORD")
+    database: str = _setting("ai_terminal", "DB_DATABASE", _non_empty)
+    pool_size: int = _setting(10, "DB_POOL_SIZE", _between(1, 1000))
+    pool_recycle: int = _setting(3600, "DB_POOL_RECYCLE", _between(0, 7 * 86400))
+    echo: bool = _setting(False, "DB_ECHO")
+    create_tables: bool = _setting(True, "DB_CREATE_TABLES")
+    connect_timeout: float = _setting(5.0, "DB_CONNECT_TIMEOUT", _between(0.1, 600))
+    read_timeout: float = _setting(30.0, "DB_READ_TIMEOUT", _between(0.1, 3600))
+    write_timeout: float = _setting(30.0, "DB_WRITE_TIMEOUT", _between(0.1, 3600))
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    session_statuses: tuple[str, ...] = _setting(
+        ("pending", "processing", "completed", "failed", "cancelled"), check=_status_set
+    )
+    task_statuses: tuple[str, ...] = _setting(
+        ("pending", "processing", "completed", "failed"), check=_status_set
+    )
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    check_interval: float = _setting(5.0, "HEALTH_CHECK_INTERVAL", _between(0.5, 3600))
+    probe_timeout: float = _setting(0.8, "HEALTH_PROBE_TIMEOUT", _between(0.1, 10))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = _setting("INFO", "LOG_LEVEL", _one_of(*LOG_LEVELS))
+    format: str = _setting(
+        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s", "LOG_FORMAT", _non_empty
+    )
+    file: str = _setting("logs/persistence_service.log", "LOG_FILE")
+    max_bytes: int = _setting(10 * 1024 * 1024, "LOG_MAX_BYTES", _between(1024, 1024**4))
+    backup_count: int = _setting(5, "LOG_BACKUP_COUNT", _between(0, 1000))
+
+
+@dataclass(frozen=True)
+class Settings:
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    buffer: BufferSettings = field(default_factory=BufferSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = "defaults"
+
+
+_SECTION_CLASSES = {
+    "service": ServiceSettings,
+    "buffer": BufferSettings,
+    "database": DatabaseSettings,
+    "validation": ValidationSettings,
+    "health": HealthSettings,
+    "logging": LoggingSettings,
+}
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Build validated settings from defaults, a YAML file, the environment and overrides.
+
+    ``path`` defaults to ``$PERSISTENCE_CONFIG``, else ``config.yaml`` when it
+    exists in the working directory. ``environ`` defaults to ``os.environ``;
+    pass ``{}`` to ignore the environment. ``overrides`` (a nested mapping,
+    e.g. ``{"database": {"driver": "sqlite"}}``) wins over everything.
+    """
+    environ = os.environ if environ is None else environ
+    file_values, source = _read_file(path, environ)
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        sections[name] = _build_section(
+            name, cls, file_values.get(name) or {}, environ, (overrides or {}).get(name) or {}
+        )
+    unknown = set(overrides or {}) - set(_SECTION_CLASSES)
+    if unknown:
+        raise ConfigError(
+            f"unknown settings section {sorted(unknown)[0]!r}: "
+            f"allowed sections are {', '.join(_SECTION_CLASSES)}"
+        )
+    settings = Settings(**sections, source=source)
+    _check_cross_field(settings)
+    return settings
+
+
+def _read_file(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> tuple[dict[str, Any], str]:
+    explicit = path is not None or CONFIG_PATH_ENV in environ
+    chosen = Path(path if path is not None else environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH))
+    if not chosen.exists():
+        if explicit:
+            raise ConfigError(f"config file {str(chosen)!r}: does not exist")
+        return {}, "defaults"
+    try:
+        data = yaml.safe_load(chosen.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"config file {str(chosen)!r}: cannot be read as YAML ({reason})"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(chosen)!r}: must hold a mapping of sections")
+    for name, value in data.items():
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(
+                f"{name} (in {chosen}): unknown section; "
+                f"allowed sections are {', '.join(_SECTION_CLASSES)}"
+            )
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} (in {chosen}): must be a mapping of settings")
+    return data, str(chosen)
+
+
+def _build_section(
+    section: str,
+    cls: type,
+    from_file: Mapping[str, Any],
+    environ: Mapping[str, str],
+    from_overrides: Mapping[str, Any],
+) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in [*from_file, *from_overrides]:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown setting; allowed are {', '.join(known)}")
+    values = {}
+    for name, fld in known.items():
+        env_name = fld.metadata["env"]
+        if name in from_overrides:
+            raw, origin = from_overrides[name], "override"
+        elif env_name and env_name in environ:
+            raw, origin = environ[env_name], env_name
+        elif name in from_file:
+            raw, origin = from_file[name], "config file"
+        else:
+            continue
+        values[name] = _coerce(f"{section}.{name}", raw, origin, fld)
+    return cls(**values)
+
+
+def _coerce(key: str, raw: Any, origin: str, fld: dataclasses.Field[Any]) -> Any:
+    kind = fld.type
+    where = f"{key} = {raw!r} (from {origin})"
+    try:
+        value = _convert(kind, raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    check = fld.metadata["check"]
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(kind: str, raw: Any) -> Any:
+    """Convert a YAML or environment value to the annotated type (annotations are strings)."""
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError("must be true or false")
+    if kind == "int":
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError("must be an integer")
+        try:
+            return int(str(raw).strip()) if not isinstance(raw, float) else int(raw)
+        except ValueError:
+            raise ValueError("must be an integer") from None
+    if kind == "float":
+        if isinstance(raw, bool):
+            raise ValueError("must be a number")
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+    if kind == "str":
+        if raw is None:
+            return ""
+        if isinstance(raw, (dict, list)):
+            raise ValueError("must be a string")
+        return str(raw).strip() if not isinstance(raw, str) else raw
+    if kind == "tuple[str, ...]":
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise ValueError("must be a list of strings")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    raise TypeError(f"unsupported setting type {kind}")
+
+
+def _check_cross_field(settings: Settings) -> None:
+    buf = settings.buffer
+    if buf.hard_limit < buf.max_buffer_size + buf.max_batch_size:
+        raise ConfigError(
+            f"buffer.hard_limit = {buf.hard_limit}: must be at least max_buffer_size + "
+            f"max_batch_size ({buf.max_buffer_size + buf.max_batch_size}), "
+            "or a full buffer would refuse batches before it flushes"
+        )
+    if buf.retry_backoff_max < buf.retry_backoff_initial:
+        raise ConfigError(
+            f"buffer.retry_backoff_max = {buf.retry_backoff_max}: "
+            f"must be >= retry_backoff_initial ({buf.retry_backoff_initial})"
+        )
+
+
+def describe(settings: Settings) -> str:
+    """One log line naming the database in use, without secrets."""
+    db = settings.database
+    if db.driver == "sqlite":
+        return f"sqlite file {db.sqlite_path}"
+    return f"mysql {db.user}@{db.host}:{db.port}/{db.database}"

@@ -1,0 +1,107 @@
+"""Turning a request body into validated records: the envelope, the size, each record.
+
+Knows nothing of Flask: it takes the decoded JSON body and raises
+:mod:`persistence.errors` types, so a refused batch never reaches the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from marshmallow import Schema, ValidationError
+
+from persistence.errors import BadRequest, InvalidRecords
+from persistence.records import Record, RecordType
+
+# How many invalid records a 422 lists; the count in `detail` is always complete.
+MAX_ERRORS_LISTED = 100
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a request body, or refuse it with 400."""
+    if not raw.strip():
+        raise BadRequest("Request body is empty; send a JSON object.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}.") from None
+
+
+def validate_batch(
+    kind: RecordType,
+    body: Any,
+    schema: Schema,
+    max_batch_size: int,
+) -> list[Record]:
+    """The records of a ``{"<kind.plural>": [...]}`` body, or an error naming what is wrong."""
+    name = kind.plural
+    if not isinstance(body, dict):
+        raise BadRequest(
+            f'Request body must be a JSON object like {{"{name}": [...]}}, '
+            f"not a JSON {_json_type(body)}."
+        )
+    if name not in body:
+        raise BadRequest(f'Request body lacks the "{name}" list.')
+    items = body[name]
+    if not isinstance(items, list):
+        raise BadRequest(f'"{name}" must be a list of records, not a JSON {_json_type(items)}.')
+    if len(items) > max_batch_size:
+        raise InvalidRecords(
+            f"The batch holds {len(items)} {name}; at most {max_batch_size} are accepted per "
+            "request (buffer.max_batch_size). Nothing was accepted.",
+            errors=[
+                {"index": None, "field": name, "message": f"Longer than {max_batch_size} records."}
+            ],
+        )
+    try:
+        return schema.load(items)
+    except ValidationError as exc:
+        errors = describe_errors(kind, items, exc.messages)
+        invalid = len({error["index"] for error in errors})
+        raise InvalidRecords(
+            f"{invalid} of {len(items)} {name} are invalid; nothing was accepted.",
+            errors=errors[:MAX_ERRORS_LISTED],
+            error_count=len(errors),
+        ) from None
+
+
+def describe_errors(kind: RecordType, items: list[Any], messages: Any) -> list[dict[str, Any]]:
+    """Flatten marshmallow's ``{index: {field: [message]}}`` into one entry per field."""
+    errors = []
+    for index in sorted(messages):
+        item = items[index]
+        key = item.get(kind.key) if isinstance(item, dict) else None
+        for field, reasons in sorted(messages[index].items()):
+            for reason in _flat(reasons):
+                if field == "_schema":
+                    field, reason = None, f"A {kind.name} must be a JSON object."
+                errors.append(
+                    {
+                        "index": index,
+                        kind.key: key if isinstance(key, str) else None,
+                        "field": field,
+                        "message": reason,
+                    }
+                )
+    return errors
+
+
+def _flat(reasons: Any) -> list[str]:
+    if isinstance(reasons, list):
+        return [str(reason) for reason in reasons]
+    if isinstance(reasons, dict):  # a nested field: {"sub": ["msg"]}
+        return [f"{sub}: {msg}" for sub, msgs in reasons.items() for msg in _flat(msgs)]
+    return [str(reasons)]
+
+
+def _json_type(value: Any) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), "value")

@@ -1,0 +1,234 @@
+"""marshmallow schemas for sessions and tasks: the single source of truth of the record rules.
+
+The limits follow the columns of the tables (docs/DATA_MODELS.md), counted the
+way MySQL counts them: VARCHAR(n) holds n characters, TEXT holds 65,535 bytes of
+UTF-8, INT holds up to 2,147,483,647, TIMESTAMP holds 1970-01-01 00:00:01 to
+2038-01-19 03:14:07 UTC. What these schemas accept can therefore be written.
+
+Loaded records are plain dicts holding exactly the columns of their table
+(unknown fields are dropped), with defaults filled in and date-times
+converted to naive UTC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+INT_MAX = 2_147_483_647
+TEXT_MAX_BYTES = 65_535
+JSON_MAX_DEPTH = 100
+TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1)
+TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7)
+
+
+class Text(fields.String):
+    """A string that must be valid UTF-8 and fit its column.
+
+    ``max_chars`` bounds characters (VARCHAR), ``max_bytes`` bounds the UTF-8
+    encoding (TEXT). ``blank`` allows empty or whitespace-only strings;
+    ``identifier`` refuses surrounding whitespace, which MySQL would ignore
+    when comparing keys.
+    """
+
+    default_error_messages = {
+        "blank": "Must not be empty.",
+        "encoding": "Must be valid Unicode text (it holds an unpaired surrogate).",
+        "too_many_chars": "Longer than {max} characters.",
+        "too_many_bytes": "Longer than {max} bytes in UTF-8 ({actual} bytes).",
+        "whitespace": "Must not start or end with whitespace.",
+    }
+
+    def __init__(
+        self,
+        *,
+        max_chars: int | None = None,
+        max_bytes: int | None = None,
+        blank: bool = False,
+        identifier: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.max_chars = max_chars
+        self.max_bytes = max_bytes
+        self.blank = blank
+        self.identifier = identifier
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise self.make_error("encoding") from None
+        if not self.blank and not text.strip():
+            raise self.make_error("blank")
+        if self.identifier and text != text.strip():
+            raise self.make_error("whitespace")
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise self.make_error("too_many_chars", max=self.max_chars)
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise self.make_error("too_many_bytes", max=self.max_bytes, actual=size)
+        return text
+
+
+class UuidText(fields.String):
+    """A UUID in its 36-character text form, normalised to lower case."""
+
+    default_error_messages = {"invalid_uuid": "Must be a UUID of 36 characters."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) != 36:
+            raise self.make_error("invalid_uuid")
+        try:
+            return str(uuid.UUID(text))
+        except ValueError:
+            raise self.make_error("invalid_uuid") from None
+
+
+class Count(fields.Integer):
+    """A JSON integer (not a boolean, not a string, not 1.5) that fits a signed INT."""
+
+    default_error_messages = {"invalid": "Must be an integer."}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, validate=validate.Range(0, INT_MAX), **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class Fraction(fields.Float):
+    """A JSON number between 0 and 1 (not a boolean, not a string)."""
+
+    default_error_messages = {"invalid": "Must be a number."}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Range(0, 1), **kwargs)
+
+    def _validated(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class UtcTimestamp(fields.DateTime):
+    """An ISO-8601 date-time, with or without offset, returned as naive UTC.
+
+    A value without offset is taken as UTC. Sub-second digits are dropped
+    (the column holds whole seconds; MySQL would round, MariaDB truncate).
+    """
+
+    default_error_messages = {
+        "range": "Must be between 1970-01-01T00:00:01Z and 2038-01-19T03:14:07Z.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="iso", **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        moment = moment.replace(microsecond=0)
+        if not TIMESTAMP_MIN <= moment <= TIMESTAMP_MAX:
+            raise self.make_error("range")
+        return moment
+
+
+class JsonObject(fields.Dict):
+    """A JSON object that MySQL's JSON type accepts (at most 100 levels deep)."""
+
+    default_error_messages = {"too_deep": f"Nested deeper than {JSON_MAX_DEPTH} levels."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict:
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if _depth(result) > JSON_MAX_DEPTH:
+            raise self.make_error("too_deep")
+        return result
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, iteratively (no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _optional_text() -> Text:
+    return Text(max_bytes=TEXT_MAX_BYTES, blank=True, allow_none=True, load_default=None)
+
+
+def _optional_count() -> Count:
+    return Count(load_default=0)
+
+
+def _status(allowed: Iterable[str]) -> fields.String:
+    choices = tuple(allowed)
+    return fields.String(
+        required=True,
+        validate=validate.OneOf(choices, error=f"Must be one of: {', '.join(choices)}."),
+    )
+
+
+class _RecordSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+def build_session_schema(statuses: Iterable[str]) -> Schema:
+    """A schema (``many=True``) for session records with the given status set."""
+
+    class SessionSchema(_RecordSchema):
+        session_id = UuidText(required=True)
+        filename = Text(required=True, max_chars=255)
+        file_path = Text(required=True, max_chars=512)
+        status = _status(statuses)
+        game_info = JsonObject(allow_none=True, load_default=None)
+        llm_provider = Text(required=True, max_chars=50)
+        metadata = JsonObject(allow_none=True, load_default=None)
+        total_tasks = _optional_count()
+        completed_tasks = _optional_count()
+        failed_tasks = _optional_count()
+        processing_tasks = _optional_count()
+
+    return SessionSchema(many=True)
+
+
+def build_task_schema(statuses: Iterable[str]) -> Schema:
+    """A schema (``many=True``) for task records with the given status set."""
+
+    class TaskSchema(_RecordSchema):
+        task_id = Text(required=True, max_chars=64, identifier=True)
+        session_id = UuidText(required=True)
+        batch_id = Text(required=True, max_chars=64)
+        sheet_name = Text(required=True, max_chars=255)
+        row_index = Count(required=True)
+        column_name = Text(required=True, max_chars=255)
+        source_text = Text(required=True, max_bytes=TEXT_MAX_BYTES)
+        target_text = _optional_text()
+        context = _optional_text()
+        status = _status(statuses)
+        confidence = Fraction(allow_none=True, load_default=None)
+        error_message = _optional_text()
+        retry_count = _optional_count()
+        start_time = UtcTimestamp(allow_none=True, load_default=None)
+        end_time = UtcTimestamp(allow_none=True, load_default=None)
+        duration_ms = Count(allow_none=True, load_default=None)
+
+    return TaskSchema(many=True)

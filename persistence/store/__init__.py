@@ -1,0 +1,227 @@
+"""The database side: a DBUtils pool, batched upserts, dead letters, health probes.
+
+Threading contract: a :class:`Store` may be used from any thread. Each write
+takes a pooled connection for one ``executemany`` and one ``commit`` and
+returns it. The pool is created on first use, never at import or in
+``create_app``, so it is always created in the process that uses it (after
+gunicorn forks). :meth:`Store.probe` uses a connection of its own with short
+timeouts, so a hung pool never delays ``/health``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from dbutils.pooled_db import PooledDB
+
+from persistence.config import DatabaseSettings
+from persistence.records import RECORD_TYPES, SESSIONS, Record, RecordType
+from persistence.store.dialects import Dialect, dialect_for, split_statements, sql_file
+
+log = logging.getLogger(__name__)
+sql_log = logging.getLogger("persistence.sql")
+
+# How many keys one existence query asks about.
+_IN_CHUNK = 500
+
+
+class StoreError(Exception):
+    """A database operation failed.
+
+    ``row_error`` is true when the rows written caused it (a value refused,
+    a constraint failed): retrying the same rows will fail again. Otherwise
+    the failure is transient (connection, timeout, lock) and worth retrying.
+    """
+
+    def __init__(self, message: str, code: int | None = None, row_error: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.row_error = row_error
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record the database refused for good, with the reason."""
+
+    kind: RecordType
+    record: Record
+    error_code: int | None
+    error_message: str
+
+
+class Store:
+    """Writes records to the configured database (MySQL/MariaDB or SQLite)."""
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+        self.dialect: Dialect = dialect_for(settings)
+        self._pool: PooledDB | None = None
+        self._pool_born = 0.0
+        self._pool_lock = threading.Lock()
+        # Set when creating the tables at start failed: the next write tries again.
+        self.schema_pending = False
+        self._upsert_sql = {kind.name: self.dialect.upsert_sql(kind) for kind in RECORD_TYPES}
+        self._to_row = {kind.name: self.dialect.row_converter(kind) for kind in RECORD_TYPES}
+
+    @property
+    def driver(self) -> str:
+        return self.dialect.name
+
+    def create_schema(self, create_database: bool = False) -> None:
+        """Create the tables (IF NOT EXISTS); with ``create_database``, the database too."""
+        if create_database:
+            self._run(self.dialect.prepare_database)
+        statements = split_statements(sql_file(self.dialect.ddl_file))
+        with self._connection() as conn:
+            cur = conn.cursor()
+            for statement in statements:
+                self._run(cur.execute, statement)
+            self._run(conn.commit)
+        if self.driver == "sqlite":
+            self._enable_wal()
+
+    def upsert(self, kind: RecordType, records: Sequence[Record]) -> None:
+        """Write ``records`` (one per key) in one ``executemany`` and one commit."""
+        if not records:
+            return
+        self._ensure_schema()
+        to_row = self._to_row[kind.name]
+        rows = [to_row(record) for record in records]
+        sql = self._upsert_sql[kind.name]
+        self._echo(sql, len(rows))
+        with self._connection() as conn:
+            cur = conn.cursor()
+            try:
+                self._run(cur.executemany, sql, rows)
+                self._run(conn.commit)
+            finally:
+                cur.close()
+
+    def existing_sessions(self, session_ids: Iterable[str]) -> set[str]:
+        """Which of ``session_ids`` are rows of translation_sessions."""
+        wanted = list(session_ids)
+        found: set[str] = set()
+        if not wanted:
+            return found
+        self._ensure_schema()
+        with self._connection() as conn:
+            cur = conn.cursor()
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ", ".join([self.dialect.placeholder] * len(chunk))
+                sql = (
+                    f"SELECT {SESSIONS.key} FROM {SESSIONS.table} WHERE {SESSIONS.key} IN ({marks})"
+                )
+                self._echo(sql, len(chunk))
+                self._run(cur.execute, sql, chunk)
+                found.update(row[0] for row in self._run(cur.fetchall))
+            self._run(conn.rollback)
+        return found
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Record ``letters`` in persistence_dead_letters (one row per record key)."""
+        if not letters:
+            return
+        self._ensure_schema()
+        now = self.dialect.adapt_time(datetime.now(UTC).replace(tzinfo=None, microsecond=0))
+        rows = [
+            (
+                letter.kind.name,
+                str(letter.record[letter.kind.key]),
+                orjson.dumps(letter.record, default=str).decode("utf-8"),
+                letter.error_code,
+                letter.error_message[:60_000],
+                now,
+                now,
+            )
+            for letter in letters
+        ]
+        sql = self.dialect.dead_letter_sql()
+        self._echo(sql, len(rows))
+        with self._connection() as conn:
+            cur = conn.cursor()
+            self._run(cur.executemany, sql, rows)
+            self._run(conn.commit)
+
+    def count_dead_letters(self) -> dict[str, int]:
+        """Dead letters by record type ("session", "task")."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            self._run(
+                cur.execute,
+                "SELECT record_type, COUNT(*) FROM persistence_dead_letters GROUP BY record_type",
+            )
+            counts = {kind.name: 0 for kind in RECORD_TYPES}
+            counts.update({row[0]: int(row[1]) for row in self._run(cur.fetchall)})
+            self._run(conn.rollback)
+        return counts
+
+    def probe(self, timeout: float) -> None:
+        """Check the database answers a query within about ``timeout`` seconds; raise if not."""
+        conn = self._run(self.dialect.connect_once, timeout)
+        try:
+            cur = conn.cursor()
+            self._run(cur.execute, "SELECT 1")
+            self._run(cur.fetchall)
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing the probe connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Close the pool's idle connections; the next use opens a new pool."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    def _ensure_schema(self) -> None:
+        if self.schema_pending:
+            self.create_schema()
+            self.schema_pending = False
+            log.info("tables created")
+
+    def _connection(self) -> Any:
+        """A pooled connection (use with ``with``), recycling the pool when it is too old."""
+        with self._pool_lock:
+            recycle = self.settings.pool_recycle
+            if self._pool is not None and recycle and time.monotonic() - self._pool_born > recycle:
+                self._pool.close()
+                self._pool = None
+            if self._pool is None:
+                self._pool = self._run(self.dialect.create_pool)
+                self._pool_born = time.monotonic()
+            pool = self._pool
+        return self._run(pool.connection)
+
+    def _enable_wal(self) -> None:
+        # WAL lets the health probe and readers work while the flusher writes.
+        conn = self.dialect.connect_once(self.settings.write_timeout)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            conn.close()
+
+    def _run(self, func: Any, *args: Any) -> Any:
+        """Call a driver function, turning its exceptions into :class:`StoreError`."""
+        try:
+            return func(*args)
+        except StoreError:
+            raise
+        except Exception as exc:
+            code = self.dialect.error_code(exc)
+            row_error = self.dialect.is_row_error(exc)
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise StoreError(f"{type(exc).__name__}: {message}", code, row_error) from exc
+
+    def _echo(self, sql: str, count: int) -> None:
+        if self.settings.echo:
+            sql_log.info("%s [%d parameter sets]", sql, count)

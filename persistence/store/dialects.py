@@ -1,0 +1,280 @@
+"""What differs between MySQL/MariaDB and SQLite: connections, SQL text, error classes.
+
+Both dialects give the same upsert semantics (docs/DATA_MODELS.md): every
+column takes the new value, except ``created_at`` (kept) and the session
+counters that never decrease.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pymysql
+from dbutils.pooled_db import PooledDB
+
+from persistence.config import DatabaseSettings
+from persistence.records import RecordType
+
+# MySQL/MariaDB error codes that a given row causes and retrying will not cure.
+MYSQL_ROW_ERRORS = frozenset(
+    {
+        1048,  # column cannot be null
+        1062,  # duplicate entry (unique key other than the primary key)
+        1136,  # column count does not match
+        1264,  # out of range value
+        1265,  # data truncated
+        1292,  # incorrect datetime/timestamp value
+        1366,  # incorrect string or integer value
+        1406,  # data too long
+        1451,  # cannot delete or update a parent row
+        1452,  # foreign key constraint fails
+        1644,  # SIGNAL from a trigger
+        1690,  # value out of range
+        3140,  # invalid JSON text
+        3819,  # check constraint violated (MySQL)
+        4025,  # CONSTRAINT failed (MariaDB)
+        4038,  # syntax error in JSON text (MariaDB)
+    }
+)
+
+
+def sql_file(name: str) -> str:
+    """The text of a DDL file shipped in persistence/store/sql/."""
+    return resources.files("persistence.store").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of a DDL script (no semicolons inside statements, ``--`` comments)."""
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode("utf-8")
+
+
+class Dialect(ABC):
+    """The SQL and driver details of one kind of database."""
+
+    name: str
+    placeholder: str
+    ddl_file: str
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def create_pool(self) -> PooledDB:
+        """A DBUtils pool of this database's connections (none opened yet)."""
+
+    @abstractmethod
+    def connect_once(self, timeout: float) -> Any:
+        """A new connection outside the pool, with every timeout set to ``timeout``."""
+
+    @abstractmethod
+    def is_row_error(self, exc: Exception) -> bool:
+        """Whether ``exc`` is caused by the rows written (retrying will not help)."""
+
+    def error_code(self, exc: Exception) -> int | None:
+        return None
+
+    @abstractmethod
+    def upsert_sql(self, kind: RecordType) -> str:
+        """The upsert of one record of ``kind``, for ``executemany``."""
+
+    @abstractmethod
+    def dead_letter_sql(self) -> str:
+        """The upsert of one dead letter, keyed by (record_type, record_key)."""
+
+    @abstractmethod
+    def prepare_database(self) -> None:
+        """Make sure the database itself exists (before tables are created)."""
+
+    def adapt_time(self, value: datetime) -> Any:
+        return value
+
+    def row_converter(self, kind: RecordType) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+        """A function turning a record into the parameter tuple of :meth:`upsert_sql`."""
+        adapters: list[Callable[[Any], Any] | None] = []
+        for column in kind.columns:
+            if column in kind.json_columns:
+                adapters.append(_json_text)
+            elif column in ("start_time", "end_time"):
+                adapters.append(lambda v: None if v is None else self.adapt_time(v))
+            else:
+                adapters.append(None)
+        pairs = list(zip(kind.columns, adapters, strict=True))
+        return lambda record: tuple(
+            record[c] if adapt is None else adapt(record[c]) for c, adapt in pairs
+        )
+
+    def _insert_head(self, kind: RecordType) -> str:
+        marks = ", ".join([self.placeholder] * len(kind.columns))
+        return f"INSERT INTO {kind.table} ({', '.join(kind.columns)}) VALUES ({marks})"
+
+
+class MysqlDialect(Dialect):
+    name = "mysql"
+    placeholder = "%s"
+    ddl_file = "mysql.sql"
+    # Times are written and read as UTC; strict mode makes a bad value an error, never a
+    # silent truncation.
+    session_setup = (
+        "SET time_zone = '+00:00'",
+        "SET SESSION sql_mode = "
+        "TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))",
+    )
+
+    def _connect_args(self, database: bool = True) -> dict[str, Any]:
+        s = self.settings
+        args: dict[str, Any] = {
+            "host": s.host,
+            "port": s.port,
+            "user": s.user,
+            "password": s.password,
+            "charset": "utf8mb4",
+            "autocommit": False,
+            "connect_timeout": s.connect_timeout,
+            "read_timeout": s.read_timeout,
+            "write_timeout": s.write_timeout,
+        }
+        if database:
+            args["database"] = s.database
+        return args
+
+    def create_pool(self) -> PooledDB:
+        return PooledDB(
+            pymysql,
+            mincached=0,
+            maxcached=self.settings.pool_size,
+            maxconnections=self.settings.pool_size,
+            blocking=True,
+            setsession=list(self.session_setup),
+            reset=True,
+            ping=1,
+            **self._connect_args(),
+        )
+
+    def connect_once(self, timeout: float) -> Any:
+        args = self._connect_args()
+        args.update(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout)
+        return pymysql.connect(**args)
+
+    def prepare_database(self) -> None:
+        conn = pymysql.connect(**self._connect_args(database=False))
+        try:
+            with conn.cursor() as cur:
+                name = self.settings.database.replace("`", "``")
+                cur.execute(
+                    f"CREATE DATABASE IF NOT EXISTS `{name}` "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                )
+        finally:
+            conn.close()
+
+    def error_code(self, exc: Exception) -> int | None:
+        if isinstance(exc, pymysql.MySQLError) and exc.args and isinstance(exc.args[0], int):
+            return exc.args[0]
+        return None
+
+    def is_row_error(self, exc: Exception) -> bool:
+        return self.error_code(exc) in MYSQL_ROW_ERRORS
+
+    def upsert_sql(self, kind: RecordType) -> str:
+        # VALUES(col) works on MySQL 8 and MariaDB alike (the `AS new` alias does not), and
+        # a VALUES list of bare placeholders lets PyMySQL send multi-row statements.
+        updates = []
+        for column in kind.columns:
+            if column == kind.key:
+                continue
+            if column in kind.never_decrease:
+                updates.append(f"{column} = GREATEST(COALESCE({column}, 0), VALUES({column}))")
+            else:
+                updates.append(f"{column} = VALUES({column})")
+        return f"{self._insert_head(kind)} ON DUPLICATE KEY UPDATE {', '.join(updates)}"
+
+    def dead_letter_sql(self) -> str:
+        return (
+            "INSERT INTO persistence_dead_letters (record_type, record_key, payload, error_code,"
+            " error_message, first_failed_at, last_failed_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON DUPLICATE KEY UPDATE payload = VALUES(payload), error_code = VALUES(error_code),"
+            " error_message = VALUES(error_message), last_failed_at = VALUES(last_failed_at),"
+            " attempts = attempts + 1"
+        )
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    placeholder = "?"
+    ddl_file = "sqlite.sql"
+
+    def _connect_args(self, timeout: float) -> dict[str, Any]:
+        return {
+            "database": self.settings.sqlite_path,
+            "timeout": timeout,
+            "check_same_thread": False,
+        }
+
+    def create_pool(self) -> PooledDB:
+        self.prepare_database()
+        return PooledDB(
+            sqlite3,
+            mincached=0,
+            maxcached=self.settings.pool_size,
+            maxconnections=self.settings.pool_size,
+            blocking=True,
+            setsession=["PRAGMA foreign_keys = ON"],
+            reset=True,
+            ping=0,
+            **self._connect_args(self.settings.write_timeout),
+        )
+
+    def connect_once(self, timeout: float) -> Any:
+        return sqlite3.connect(**self._connect_args(timeout))
+
+    def prepare_database(self) -> None:
+        Path(self.settings.sqlite_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    def error_code(self, exc: Exception) -> int | None:
+        return getattr(exc, "sqlite_errorcode", None)
+
+    def is_row_error(self, exc: Exception) -> bool:
+        return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError))
+
+    def adapt_time(self, value: datetime) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+
+    def upsert_sql(self, kind: RecordType) -> str:
+        updates = []
+        for column in kind.columns:
+            if column == kind.key:
+                continue
+            if column in kind.never_decrease:
+                updates.append(f"{column} = MAX(COALESCE({column}, 0), excluded.{column})")
+            else:
+                updates.append(f"{column} = excluded.{column}")
+        updates.append("updated_at = CURRENT_TIMESTAMP")
+        return (
+            f"{self._insert_head(kind)} ON CONFLICT ({kind.key}) DO UPDATE SET {', '.join(updates)}"
+        )
+
+    def dead_letter_sql(self) -> str:
+        return (
+            "INSERT INTO persistence_dead_letters (record_type, record_key, payload, error_code,"
+            " error_message, first_failed_at, last_failed_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (record_type, record_key) DO UPDATE SET payload = excluded.payload,"
+            " error_code = excluded.error_code, error_message = excluded.error_message,"
+            " last_failed_at = excluded.last_failed_at, attempts = attempts + 1"
+        )
+
+
+def dialect_for(settings: DatabaseSettings) -> Dialect:
+    """The dialect that ``database.driver`` names (no fallback from one to the other)."""
+    return {"mysql": MysqlDialect, "sqlite": SqliteDialect}[settings.driver](settings)

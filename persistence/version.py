@@ -1,0 +1,3 @@
+"""The version of the service, reported by ``GET /``."""
+
+__version__ = "1.0.0"
