@@ -57,11 +57,11 @@ class ServiceUnavailable(ApiError):
 
 
 def error_response(
-    status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    code: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    """The JSON error envelope."""
+    """The JSON error envelope, with HTTP status ``code``."""
     response = jsonify({"detail": detail, **extra})
-    response.status_code = status
+    response.status_code = code
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

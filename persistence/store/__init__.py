@@ -219,7 +219,9 @@ class Store:
         except Exception as exc:
             code = self.dialect.error_code(exc)
             row_error = self.dialect.is_row_error(exc)
-            message = " ".join(str(exc).split()) or type(exc).__name__
+            message = " ".join(str(exc).split())
+            if code in (None, 0) and message in ("", "(0, '')"):
+                message = "the connection to the database was lost"
             raise StoreError(f"{type(exc).__name__}: {message}", code, row_error) from exc
 
     def _echo(self, sql: str, count: int) -> None:
