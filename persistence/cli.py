@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from persistence.config import describe
 from persistence.store import StoreError
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command() -> None:
     """Create the database (MySQL, if the user may) and the tables, if they do not exist."""
     service = current_app.extensions["persistence"]

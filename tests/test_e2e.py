@@ -1,0 +1,280 @@
+"""The service under gunicorn, spoken to over HTTP: triggers, shutdown, start-up refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import Database, MysqlServer
+from tests.factories import new_session_id, session, task
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+API = "/api/v1/persistence"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def post(self, path: str, body: Any = None) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=5)
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=5)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def gunicorn_command(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        str(REPO / "gunicorn.conf.py"),
+        *args,
+        "wsgi:app",
+    ]
+
+
+def service_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DB_", "SERVICE_", "BUFFER_", "LOG_", "PERSISTENCE_"))
+    }
+    base.update(PYTHONPATH=str(REPO), LOG_FILE="", DB_SQLITE_PATH=str(tmp_path / "service.db"))
+    base.update(env)
+    return base
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Start gunicorn in ``tmp_path`` (no config.yaml there) and wait until it answers."""
+    servers: list[Server] = []
+
+    def start(*args: str, **env: str) -> Server:
+        port = free_port()
+        log = tmp_path / f"gunicorn-{port}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                gunicorn_command("-b", f"127.0.0.1:{port}", *args),
+                cwd=tmp_path,
+                env=service_env(tmp_path, **env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        servers.append(server)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
+            try:
+                if server.get("/health").status_code in (200, 503):
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture
+def mysql_env(mysql_server: MysqlServer, mysql_database: str) -> Iterator[dict[str, str]]:
+    env = {
+        "DB_DRIVER": "mysql",
+        "DB_HOST": mysql_server.host,
+        "DB_PORT": str(mysql_server.port),
+        "DB_USER": mysql_server.user,
+        "DB_PASSWORD": mysql_server.password,
+        "DB_DATABASE": mysql_database,
+    }
+    direct = Database("mysql", {"database": mysql_database}, mysql_server)
+    yield env
+    existing = {row[0] for row in direct.query("SHOW TABLES")}
+    for table in ("persistence_dead_letters", "translation_tasks", "translation_sessions"):
+        if table in existing:
+            direct.execute(f"DELETE FROM {table}")
+
+
+@pytest.fixture
+def mysql_db(mysql_server: MysqlServer, mysql_database: str) -> Database:
+    return Database("mysql", {"database": mysql_database}, mysql_server)
+
+
+def post_load(server: Server, batches: int = 5, size: int = 100) -> tuple[str, list[str]]:
+    sid = new_session_id()
+    assert server.post(f"{API}/sessions/batch", {"sessions": [session(session_id=sid)]}).ok
+    ids: list[str] = []
+    for _ in range(batches):
+        records = [task(sid) for _ in range(size)]
+        response = server.post(f"{API}/tasks/batch", {"tasks": records})
+        assert response.status_code == 200, response.text
+        ids += [r["task_id"] for r in records]
+    return sid, ids
+
+
+def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_gunicorn_writes_everything_buffered(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database, sig: int
+) -> None:
+    server = start_server(
+        BUFFER_FLUSH_INTERVAL="3600",
+        BUFFER_MAX_SIZE="100000",
+        BUFFER_HARD_LIMIT="200000",
+        **mysql_env,
+    )
+    _, ids = post_load(server)
+    assert mysql_db.count("translation_tasks") == 0  # all still buffered
+    assert server.stop(sig) == 0
+    landed = {row[0] for row in mysql_db.query("SELECT task_id FROM translation_tasks")}
+    assert landed == set(ids)
+    assert "shutdown flush wrote 1 sessions and 500 tasks" in server.output()
+
+
+@pytest.mark.mysql
+def test_interval_and_size_triggers_run_in_the_worker(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database
+) -> None:
+    server = start_server(
+        BUFFER_FLUSH_INTERVAL="1", BUFFER_MAX_SIZE="100000", BUFFER_HARD_LIMIT="200000", **mysql_env
+    )
+    post_load(server, batches=1, size=10)
+    assert wait_for(lambda: mysql_db.count("translation_tasks") == 10)
+    server.stop()
+
+    server = start_server(BUFFER_FLUSH_INTERVAL="3600", BUFFER_MAX_SIZE="300", **mysql_env)
+    started = time.monotonic()
+    post_load(server, batches=3, size=100)  # 301 records with the session: past the trigger
+    assert time.monotonic() - started < 5
+    assert wait_for(lambda: mysql_db.count("translation_tasks") == 310)
+    stats = server.get(f"{API}/stats").json()
+    assert stats["performance"]["total_flush_count"] >= 1
+    assert stats["flush_info"]["next_flush_time"] is not None
+
+
+@pytest.mark.mysql
+def test_preload_still_starts_the_scheduler_in_the_worker(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database
+) -> None:
+    server = start_server("--preload", BUFFER_FLUSH_INTERVAL="1", **mysql_env)
+    post_load(server, batches=1, size=5)
+    assert wait_for(lambda: mysql_db.count("translation_tasks") == 5)
+
+
+def test_embedded_sqlite_default_serves_every_endpoint(start_server: Any, tmp_path: Path) -> None:
+    server = start_server()
+    assert server.get("/").json()["service"] == "Persistence Service"
+    health = server.get("/health").json()
+    assert health["database_driver"] == "sqlite"
+    _, ids = post_load(server, batches=2, size=10)
+    flushed = server.post(f"{API}/flush").json()
+    assert (flushed["status"], flushed["tasks_written"]) == ("flushed", 20)
+    assert server.get(f"{API}/stats").json()["performance"]["total_tasks_written"] == 20
+    assert server.post(f"{API}/tasks/batch", {"tasks": "no"}).status_code == 400
+    assert server.get("/missing").headers["Content-Type"] == "application/json"
+    db = Database("sqlite", {"sqlite_path": str(tmp_path / "service.db")})
+    assert {row[0] for row in db.query("SELECT task_id FROM translation_tasks")} == set(ids)
+    assert "database: sqlite file" in server.output()
+
+
+def test_command_line_bind_wins_over_the_configuration(start_server: Any) -> None:
+    taken = free_port()
+    server = start_server(SERVICE_PORT=str(taken))  # start_server passes its own -b
+    assert str(taken) not in server.url
+    assert server.get("/").ok
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{taken}/", timeout=2)
+
+
+def run_to_exit(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gunicorn_command("-b", f"127.0.0.1:{free_port()}", *args),
+        cwd=tmp_path,
+        env=service_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        ((), {"SERVICE_WORKERS": "2"}),
+        (("-w", "3"), {}),
+    ],
+)
+def test_more_than_one_worker_is_refused_with_a_clear_message(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    result = run_to_exit(tmp_path, *args, **env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(lines) == 1
+    assert "workers" in lines[0]
+    assert "more than one worker is not supported" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"BUFFER_FLUSH_INTERVAL": "soon"}, ("buffer.flush_interval", "'soon'", "number")),
+        ({"DB_DRIVER": "postgres"}, ("database.driver", "'postgres'", "sqlite, mysql")),
+        ({"SERVICE_PORT": "99999"}, ("service.port", "99999", "between 1 and 65535")),
+    ],
+)
+def test_a_bad_setting_stops_the_start_with_one_line(
+    tmp_path: Path, env: dict[str, str], words: tuple[str, ...]
+) -> None:
+    result = run_to_exit(tmp_path, **env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
