@@ -34,13 +34,15 @@ def _setting(
     default: Any,
     env: str | None = None,
     check: Callable[[Any], str | None] | None = None,
+    normalize: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Declare one setting: its default, its environment variable and its rule.
 
+    ``normalize`` rewrites a converted value (e.g. upper-cases a log level);
     ``check`` returns None when the value is allowed, else the sentence that
     says what is allowed.
     """
-    kwargs: dict[str, Any] = {"metadata": {"env": env, "check": check}}
+    kwargs: dict[str, Any] = {"metadata": {"env": env, "check": check, "normalize": normalize}}
     if isinstance(default, (list, tuple)):
         kwargs["default_factory"] = lambda: tuple(default)
     else:
@@ -67,7 +69,7 @@ def _one_of(*allowed: str) -> Callable[[Any], str | None]:
 
 
 def _non_empty(value: Any) -> str | None:
-    return None if len(value) > 0 else "must not be empty"
+    return None if value.strip() else "must not be empty"
 
 
 def _status_set(value: Any) -> str | None:
@@ -84,7 +86,7 @@ class ServiceSettings:
     workers: int = _setting(1, "SERVICE_WORKERS", _between(1, 64))
     threads: int = _setting(8, "SERVICE_THREADS", _between(1, 256))
     reload: bool = _setting(False, "SERVICE_RELOAD")
-    log_level: str = _setting("INFO", "SERVICE_LOG_LEVEL", _one_of(*LOG_LEVELS))
+    log_level: str = _setting("INFO", "SERVICE_LOG_LEVEL", _one_of(*LOG_LEVELS), str.upper)
     graceful_timeout: int = _setting(30, "SERVICE_GRACEFUL_TIMEOUT", _between(1, 3600))
     max_request_bytes: int = _setting(
         10 * 1024 * 1024, "SERVICE_MAX_REQUEST_BYTES", _between(1024, 1024**3)
@@ -97,6 +99,11 @@ class BufferSettings:
     flush_interval: float = _setting(30.0, "BUFFER_FLUSH_INTERVAL", _between(0.1, 86400))
     max_batch_size: int = _setting(1000, "BUFFER_MAX_BATCH_SIZE", _between(1, 1_000_000))
     hard_limit: int = _setting(100_000, "BUFFER_HARD_LIMIT", _between(1, 100_000_000))
+    hard_limit_bytes: int = _setting(
+        256 * 1024 * 1024, "BUFFER_HARD_LIMIT_BYTES", _between(1024 * 1024, 1024**4)
+    )
+    durability: str = _setting("memory", "BUFFER_DURABILITY", _one_of("memory", "journal"))
+    journal_dir: str = _setting("data/journal", "BUFFER_JOURNAL_DIR", _non_empty)
     orphan_task_timeout: float = _setting(
         600.0, "BUFFER_ORPHAN_TASK_TIMEOUT", _between(0, 7 * 86400)
     )
@@ -142,7 +149,7 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = _setting("INFO", "LOG_LEVEL", _one_of(*LOG_LEVELS))
+    level: str = _setting("INFO", "LOG_LEVEL", _one_of(*LOG_LEVELS), str.upper)
     format: str = _setting(
         "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s", "LOG_FORMAT", _non_empty
     )
@@ -223,7 +230,7 @@ def _read_file(
     for name, value in data.items():
         if name not in _SECTION_CLASSES:
             raise ConfigError(
-                f"{name} (in {chosen}): unknown section; "
+                f"{_name(name)} (in {chosen}): unknown section; "
                 f"allowed sections are {', '.join(_SECTION_CLASSES)}"
             )
         if value is not None and not isinstance(value, dict):
@@ -241,7 +248,9 @@ def _build_section(
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in [*from_file, *from_overrides]:
         if key not in known:
-            raise ConfigError(f"{section}.{key}: unknown setting; allowed are {', '.join(known)}")
+            raise ConfigError(
+                f"{section}.{_name(key)}: unknown setting; allowed are {', '.join(known)}"
+            )
     values = {}
     for name, fld in known.items():
         env_name = fld.metadata["env"]
@@ -257,6 +266,11 @@ def _build_section(
     return cls(**values)
 
 
+def _name(key: object) -> str:
+    """A key as written, or quoted when it is not a plain name (keeps messages one line)."""
+    return key if isinstance(key, str) and key.isidentifier() else repr(key)
+
+
 def _coerce(key: str, raw: Any, origin: str, fld: dataclasses.Field[Any]) -> Any:
     kind = fld.type
     where = f"{key} = {raw!r} (from {origin})"
@@ -264,6 +278,8 @@ def _coerce(key: str, raw: Any, origin: str, fld: dataclasses.Field[Any]) -> Any
         value = _convert(kind, raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if fld.metadata["normalize"]:
+        value = fld.metadata["normalize"](value)
     check = fld.metadata["check"]
     problem = check(value) if check else None
     if problem:
@@ -319,6 +335,12 @@ def _check_cross_field(settings: Settings) -> None:
             f"buffer.hard_limit = {buf.hard_limit}: must be at least max_buffer_size + "
             f"max_batch_size ({buf.max_buffer_size + buf.max_batch_size}), "
             "or a full buffer would refuse batches before it flushes"
+        )
+    if buf.hard_limit_bytes < settings.service.max_request_bytes:
+        raise ConfigError(
+            f"buffer.hard_limit_bytes = {buf.hard_limit_bytes}: must be at least "
+            f"service.max_request_bytes ({settings.service.max_request_bytes}), "
+            "or the largest request allowed could never be accepted"
         )
     if buf.retry_backoff_max < buf.retry_backoff_initial:
         raise ConfigError(

@@ -7,12 +7,13 @@ UTF-8, INT holds up to 2,147,483,647, TIMESTAMP holds 1970-01-01 00:00:01 to
 
 Loaded records are plain dicts holding exactly the columns of their table
 (unknown fields are dropped), with defaults filled in and date-times
-converted to naive UTC.
+converted to UTC text (``YYYY-MM-DD HH:MM:SS``, which MySQL, MariaDB and
+SQLite all read), so that a record is plain JSON data.
 """
 
 from __future__ import annotations
 
-import uuid
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,9 @@ TEXT_MAX_BYTES = 65_535
 JSON_MAX_DEPTH = 100
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7)
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 class Text(fields.String):
@@ -82,12 +86,10 @@ class UuidText(fields.String):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if len(text) != 36:
+        # uuid.UUID() alone would accept braces, a sign, underscores or misplaced hyphens.
+        if not _UUID_TEXT.fullmatch(text):
             raise self.make_error("invalid_uuid")
-        try:
-            return str(uuid.UUID(text))
-        except ValueError:
-            raise self.make_error("invalid_uuid") from None
+        return text.lower()
 
 
 class Count(fields.Integer):
@@ -119,7 +121,7 @@ class Fraction(fields.Float):
 
 
 class UtcTimestamp(fields.DateTime):
-    """An ISO-8601 date-time, with or without offset, returned as naive UTC.
+    """An ISO-8601 date-time, with or without offset, returned as UTC ``YYYY-MM-DD HH:MM:SS``.
 
     A value without offset is taken as UTC. Sub-second digits are dropped
     (the column holds whole seconds; MySQL would round, MariaDB truncate).
@@ -132,14 +134,17 @@ class UtcTimestamp(fields.DateTime):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(format="iso", **kwargs)
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         moment = super()._deserialize(value, attr, data, **kwargs)
         if moment.tzinfo is not None:
-            moment = moment.astimezone(UTC).replace(tzinfo=None)
+            try:
+                moment = moment.astimezone(UTC).replace(tzinfo=None)
+            except OverflowError:  # before year 1 or after 9999 in UTC
+                raise self.make_error("range") from None
         moment = moment.replace(microsecond=0)
         if not TIMESTAMP_MIN <= moment <= TIMESTAMP_MAX:
             raise self.make_error("range")
-        return moment
+        return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 class JsonObject(fields.Dict):
