@@ -3,14 +3,19 @@
 Run: ``gunicorn -c gunicorn.conf.py wsgi:app``. Options given on the command
 line (``-b``, ``--threads`` ...) still win over the values set here.
 
-The scheduler and the connection pool are started in each worker after the
-fork (``post_worker_init``), never in the master, and stopped in
-``worker_exit``, which runs on SIGTERM, SIGINT and SIGQUIT: it stops the
-scheduler, writes everything buffered and closes the pool.
+The scheduler, the connection pool, the journal and the control socket are
+started in each worker after the fork (``post_worker_init``), never in the
+master, and stopped in ``worker_exit``, which runs on SIGTERM, SIGINT and
+SIGQUIT: it stops the scheduler, writes everything buffered and closes the
+pool. With several workers, each has its own buffer; the control sockets let
+any of them answer ``POST /flush`` and ``/stats`` for all (docs/ARCHITECTURE.md).
 """
 
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from persistence.config import ConfigError, load_settings
 
@@ -28,24 +33,18 @@ loglevel = _settings.service.log_level.lower()
 graceful_timeout = _settings.service.graceful_timeout
 accesslog = "-"
 errorlog = "-"
-# The runtime control socket is not used; without it, several instances never collide.
+# gunicorn's own runtime control socket is not used; without it, instances never collide.
 control_socket_disable = True
 
-_WORKERS_REFUSED = (
-    "more than one worker is not supported: each worker would keep its own buffer, and "
-    "POST /flush and /stats would see only one of them. Run one worker and raise "
-    "service.threads (SERVICE_THREADS) instead."
-)
 
-
-def on_starting(server):
-    if server.cfg.workers > 1:
-        sys.exit(f"config error: workers = {server.cfg.workers}: {_WORKERS_REFUSED}")
+def _control_dir(master_pid):
+    # Private to one master: the workers of another instance on this host never meet.
+    return Path(tempfile.gettempdir()) / f"persistence-service-{master_pid}"
 
 
 def post_worker_init(worker):
     service = worker.wsgi.extensions["persistence"]
-    service.start()
+    service.start(control_dir=_control_dir(worker.ppid))
     worker.persistence_service = (os.getpid(), service)
 
 
@@ -55,3 +54,7 @@ def worker_exit(server, worker):
     owner = getattr(worker, "persistence_service", None)
     if owner is not None and owner[0] == os.getpid():
         owner[1].stop()
+
+
+def on_exit(server):
+    shutil.rmtree(_control_dir(server.pid), ignore_errors=True)

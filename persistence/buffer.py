@@ -1,35 +1,45 @@
 """The in-memory buffer: bounded, keyed by primary key, coalescing repeated updates.
 
+Records are kept as their compact JSON encoding (``orjson`` bytes): about
+half the memory of a dict, an exact size for the byte limit, and the very
+bytes the journal writes.
+
 Threading contract
 ------------------
-One ``Buffer`` is shared by every request thread and the flusher of a worker
-process. Every public method takes ``self._lock`` for dictionary work only
-(O(records in the call)); no method does I/O or calls back into other code
-while holding it. The lock is never held while the database is written:
-the flusher takes records out with :meth:`drain`, writes them without the
-lock, then reports back with :meth:`release` (written or dead-lettered) or
-:meth:`restore` (to be retried).
+One ``Buffer`` is shared by every request thread and the flusher of a
+worker process. Every public method takes ``self._lock`` for dictionary
+work only (O(records in the call)) and, in journal mode, for appending to
+the journal's page cache, which keeps the journal in the same order as the
+buffer's changes. Nothing waits for a disk or the database under the lock:
+the journal's fsync happens after the lock is released, and the flusher
+takes records out with :meth:`drain`, writes them without the lock, puts
+back what was not written with :meth:`restore` and ends with :meth:`finish`.
 
-Records taken by :meth:`drain` stay counted against the hard limit ("in
-flight") until released or restored, so memory stays bounded while a slow
-or failing flush holds a batch.
+Records taken by :meth:`drain` stay counted against the hard limits
+("in flight") until :meth:`finish`, so memory stays bounded while a slow or
+failing flush holds a batch.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from persistence.records import RECORD_TYPES, Record, RecordType
+import orjson
+
+from persistence.journal import BATCH, RESTORE, Entry, Journal, encode_frame
+from persistence.records import ORDER_COLUMN, RECORD_TYPES, ArrivalClock, Record, RecordType
 
 
 class BufferFull(Exception):
-    """The batch would take the buffer past its hard limit; nothing of it was kept."""
+    """The batch would take the buffer past a hard limit; nothing of it was kept."""
 
-    def __init__(self, held: int, incoming: int, limit: int) -> None:
+    def __init__(self, what: str, held: int, incoming: int, limit: int) -> None:
         super().__init__(
-            f"buffer holds {held} records; {incoming} more would pass the hard limit of {limit}"
+            f"the buffer holds {held} {what}; {incoming} more would pass the hard limit of {limit}"
         )
+        self.what = what
         self.held = held
         self.incoming = incoming
         self.limit = limit
@@ -37,59 +47,80 @@ class BufferFull(Exception):
 
 @dataclass
 class Batch:
-    """What one :meth:`Buffer.drain` took out: records by type, then by key.
+    """What one :meth:`Buffer.drain` took out: encoded records by type, then by key.
 
     ``waiting_since`` maps a task key to the monotonic time it was first
-    found waiting for its session.
+    found waiting for its session; ``segment`` is the last journal segment
+    the batch's records can be in.
     """
 
-    records: dict[str, dict[str, Record]] = field(default_factory=dict)
+    encoded: dict[str, dict[str, bytes]] = field(default_factory=dict)
     waiting_since: dict[str, float] = field(default_factory=dict)
+    nbytes: int = 0
+    segment: int = 0
 
     def of(self, kind: RecordType) -> dict[str, Record]:
-        return self.records.get(kind.name, {})
+        """The records of ``kind``, decoded, by key."""
+        return {key: orjson.loads(data) for key, data in self.encoded[kind.name].items()}
 
     def __len__(self) -> int:
-        return sum(len(records) for records in self.records.values())
+        return sum(len(records) for records in self.encoded.values())
 
 
 class Buffer:
     """Bounded, thread-safe, coalescing store of records waiting to be written."""
 
-    def __init__(self, hard_limit: int) -> None:
+    def __init__(
+        self, hard_limit: int, hard_limit_bytes: int, journal: Journal | None = None
+    ) -> None:
         self.hard_limit = hard_limit
+        self.hard_limit_bytes = hard_limit_bytes
+        self.journal = journal
         self._lock = threading.Lock()
-        self._records: dict[str, dict[str, Record]] = {kind.name: {} for kind in RECORD_TYPES}
+        self._records: dict[str, dict[str, bytes]] = {kind.name: {} for kind in RECORD_TYPES}
+        self._nbytes = 0
         self._waiting_since: dict[str, float] = {}
         self._in_flight = 0
+        self._in_flight_bytes = 0
         self._received = {kind.name: 0 for kind in RECORD_TYPES}
+        self._clock = ArrivalClock()
 
     def add(self, kind: RecordType, records: list[Record]) -> int:
-        """Buffer ``records`` (validated, in arrival order), all or none.
+        """Stamp ``records`` (validated, in arrival order) and buffer them, all or none.
 
-        Returns how many buffered records are ready to flush afterwards (tasks
-        waiting for their session are not counted: flushing cannot write them).
-        Raises :class:`BufferFull` when the batch would pass the hard limit.
+        In journal mode, returns only once the batch is on disk. Returns how
+        many buffered records are ready to flush (tasks waiting for their
+        session are not counted: a flush cannot write them). Raises
+        :class:`BufferFull` when the batch would pass a hard limit, and
+        ``OSError`` when the journal cannot be written (nothing kept then).
         """
-        key = kind.key
+        for record, stamp in zip(records, self._clock.stamps(len(records)), strict=True):
+            record[ORDER_COLUMN] = stamp
+        encoded = [orjson.dumps(record) for record in records]
+        incoming = sum(map(len, encoded))
+        frame = encode_frame(BATCH, kind, encoded) if self.journal else b""
         with self._lock:
-            held = self._held()
-            if held + len(records) > self.hard_limit:
-                raise BufferFull(held, len(records), self.hard_limit)
-            pending = self._records[kind.name]
-            for record in records:
-                older = pending.get(record[key])
-                pending[record[key]] = record if older is None else kind.merge(older, record)
+            self._check_limits(len(records), incoming)
+            sequence = self.journal.write(frame) if self.journal else 0
+            # Fresh stamps are the newest, so an add can skip comparing them.
+            self._merge(kind, (r[kind.key] for r in records), encoded, fresh=True)
             self._received[kind.name] += len(records)
-            return self._buffered() - len(self._waiting_since)
+            ready = self._count() - len(self._waiting_since)
+        if self.journal:
+            self.journal.sync(sequence)
+        return ready
 
     def drain(self) -> Batch:
-        """Take out everything buffered; it stays counted as in flight."""
+        """Take out everything buffered; it stays counted as in flight until :meth:`finish`."""
         with self._lock:
-            batch = Batch(records=self._records, waiting_since=self._waiting_since)
+            batch = Batch(self._records, self._waiting_since, self._nbytes)
+            if self.journal:
+                batch.segment = self.journal.rotate()
             self._records = {kind.name: {} for kind in RECORD_TYPES}
             self._waiting_since = {}
+            self._nbytes = 0
             self._in_flight += len(batch)
+            self._in_flight_bytes += batch.nbytes
             return batch
 
     def restore(
@@ -99,27 +130,55 @@ class Buffer:
         waiting_since: dict[str, float] | None = None,
     ) -> None:
         """Put back drained records that were not written; updates that came since win."""
+        if not records:
+            return
+        encoded = [orjson.dumps(record) for record in records.values()]
+        frame = encode_frame(RESTORE, kind, encoded) if self.journal else b""
         with self._lock:
-            pending = self._records[kind.name]
-            for key, record in records.items():
-                newer = pending.get(key)
-                pending[key] = record if newer is None else kind.merge(record, newer)
+            if self.journal:
+                self.journal.write(frame)
+            self._merge(kind, records, encoded)
             if waiting_since:
                 self._waiting_since.update(waiting_since)
-            self._in_flight -= len(records)
 
-    def release(self, count: int) -> None:
-        """Forget ``count`` drained records that were written or dead-lettered."""
+    def finish(self, batch: Batch) -> None:
+        """End the flush of ``batch``: stop counting it, drop its journal segments.
+
+        Records put back with :meth:`restore` are in the journal's current
+        segment by now, so the older segments can go.
+        """
         with self._lock:
-            self._in_flight -= count
+            self._in_flight -= len(batch)
+            self._in_flight_bytes -= batch.nbytes
+        if self.journal:
+            self.journal.checkpoint(batch.segment)
+
+    def replay(self, entry: Entry) -> None:
+        """Apply one journal entry at start (no limits, no journal write)."""
+        encoded = [orjson.dumps(record) for record in entry.records]
+        keys = [record[entry.kind.key] for record in entry.records]
+        with self._lock:
+            self._merge(entry.kind, keys, encoded)
+
+    def snapshot_to_journal(self) -> None:
+        """Write everything buffered into the journal as restore frames, durably."""
+        if not self.journal:
+            return
+        with self._lock:
+            for kind in RECORD_TYPES:
+                encoded = list(self._records[kind.name].values())
+                if encoded:
+                    self.journal.write(encode_frame(RESTORE, kind, encoded))
+        self.journal.sync_all()
 
     def counts(self) -> dict[str, int]:
         """Buffered records by type, ``in_flight`` and ``waiting`` (tasks whose session is
-        not in the database yet), read in one consistent moment."""
+        not in the database yet), bytes held, read in one consistent moment."""
         with self._lock:
             counts = {kind.plural: len(self._records[kind.name]) for kind in RECORD_TYPES}
             counts["in_flight"] = self._in_flight
             counts["waiting"] = len(self._waiting_since)
+            counts["bytes"] = self._nbytes + self._in_flight_bytes
             return counts
 
     def sample_keys(self, limit: int) -> dict[str, list[str]]:
@@ -132,8 +191,28 @@ class Buffer:
         with self._lock:
             return {kind.plural: self._received[kind.name] for kind in RECORD_TYPES}
 
-    def _buffered(self) -> int:
-        return sum(len(records) for records in self._records.values())
+    def _merge(
+        self, kind: RecordType, keys: Iterable[str], encoded: list[bytes], fresh: bool = False
+    ) -> None:
+        """Merge encoded records into the buffer (lock held). ``fresh``: the records were
+        just stamped, so they are newer than anything buffered."""
+        pending = self._records[kind.name]
+        for key, data in zip(keys, encoded, strict=True):
+            present = pending.get(key)
+            if present is None or (fresh and not kind.never_decrease):
+                merged = data
+            else:
+                merged = orjson.dumps(kind.merge(orjson.loads(present), orjson.loads(data)))
+            pending[key] = merged
+            self._nbytes += len(merged) - (len(present) if present is not None else 0)
 
-    def _held(self) -> int:
-        return self._buffered() + self._in_flight
+    def _check_limits(self, count: int, nbytes: int) -> None:
+        held = self._count() + self._in_flight
+        if held + count > self.hard_limit:
+            raise BufferFull("records", held, count, self.hard_limit)
+        held_bytes = self._nbytes + self._in_flight_bytes
+        if held_bytes + nbytes > self.hard_limit_bytes:
+            raise BufferFull("bytes", held_bytes, nbytes, self.hard_limit_bytes)
+
+    def _count(self) -> int:
+        return sum(len(records) for records in self._records.values())

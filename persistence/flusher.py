@@ -32,6 +32,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -79,6 +80,7 @@ class FlushStats:
         self.sessions_written = 0
         self.tasks_written = 0
         self.dead_lettered = {SESSIONS.name: 0, TASKS.name: 0}
+        self.dead_letter_reasons: Counter[str] = Counter()
         self._today: date = self.started_at.date()
         self.flush_count_today = 0
 
@@ -139,13 +141,15 @@ class Flusher:
         with self._flush_lock:
             started = time.perf_counter()
             batch = self.buffer.drain()
-            if not len(batch):
-                return FlushResult(0, 0, 0, 0, _ms_since(started))
             try:
+                if not len(batch):
+                    return FlushResult(0, 0, 0, 0, _ms_since(started))
                 result = self._write(batch, started, final)
             except StoreError as exc:
                 self._on_failure(exc)
                 raise FlushFailed(str(exc)) from exc
+            finally:
+                self.buffer.finish(batch)
             self._failures_in_a_row, self._retry_at = 0, 0.0
             self.stats.record_success(result, utc_now())
             log.info(
@@ -172,7 +176,6 @@ class Flusher:
             self.buffer.restore(SESSIONS, sessions)
             self.buffer.restore(TASKS, tasks, batch.waiting_since)
             raise
-        self.buffer.release(sessions_written)
         self._dead_letter(refused_sessions)
 
         refused_tasks: list[DeadLetter] = []
@@ -184,7 +187,6 @@ class Flusher:
             self.buffer.restore(TASKS, waiting, waiting_since)
             self._dead_letter(expired)
             raise
-        self.buffer.release(tasks_written)
         self.buffer.restore(TASKS, waiting, waiting_since)
         self._dead_letter(expired + refused_tasks)
         dead = len(refused_sessions) + len(expired) + len(refused_tasks)
@@ -220,6 +222,7 @@ class Flusher:
                             f"the service stopped while the task waited for session "
                             f"{task['session_id']}, which was not in the database"
                         ),
+                        "shutdown",
                     )
                 )
             elif now - since >= timeout:
@@ -232,6 +235,7 @@ class Flusher:
                             f"session {task['session_id']} was not found in the database "
                             f"within {timeout:g} s"
                         ),
+                        "session_not_found",
                     )
                 )
             else:
@@ -262,7 +266,7 @@ class Flusher:
         )
 
     def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        """Write ``letters`` and release them; if that fails, buffer them again to retry."""
+        """Write ``letters``; if that fails, buffer them again to retry."""
         if not letters:
             return
         try:
@@ -274,9 +278,9 @@ class Flusher:
             for letter in letters:
                 self.buffer.restore(letter.kind, {letter.record[letter.kind.key]: letter.record})
             return
-        self.buffer.release(len(letters))
         for letter in letters:
             self.stats.dead_lettered[letter.kind.name] += 1
+            self.stats.dead_letter_reasons[letter.reason] += 1
 
     def _on_failure(self, exc: StoreError) -> None:
         self._failures_in_a_row += 1

@@ -1,31 +1,41 @@
-"""One process's service: buffer, store, flusher, health monitor and scheduler together.
+"""One process's service: buffer, journal, store, flusher, health, scheduler, control channel.
 
 Threading contract
 ------------------
-Constructing a :class:`PersistenceService` starts no thread and opens no
-connection. :meth:`start` and :meth:`stop` are called once each, by the
-process that serves requests (gunicorn's ``post_worker_init`` and
-``worker_exit`` hooks, or ``python wsgi.py``). Every other method may be
-called from any request thread; each delegates to an object whose own
-contract covers concurrency.
+Constructing a :class:`PersistenceService` starts no thread, opens no
+connection and touches no file. :meth:`start` and :meth:`stop` are called
+once each, by the process that serves requests (gunicorn's
+``post_worker_init`` and ``worker_exit`` hooks, or ``python wsgi.py``).
+Every other method may be called from any request or control thread; each
+delegates to an object whose own contract covers concurrency, and the
+refusal counters have a lock of their own.
+
+Whole-service views: with several gunicorn workers, :meth:`flush`,
+:meth:`stats` and :meth:`health_report` ask the other workers over the
+control channel (:mod:`persistence.control`) and combine their answers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from persistence import stats as stats_module
 from persistence.buffer import Buffer, BufferFull
 from persistence.config import Settings, describe
+from persistence.control import ControlServer, ask_peers
 from persistence.errors import ApiError, ServiceUnavailable
-from persistence.flusher import Flusher, FlushFailed, FlushResult, iso, utc_now
+from persistence.flusher import Flusher, FlushFailed, iso, utc_now
 from persistence.health import HealthMonitor
 from persistence.intake import validate_batch
+from persistence.journal import Journal, RecoveryReport
 from persistence.records import SESSIONS, TASKS, RecordType
 from persistence.schemas import build_session_schema, build_task_schema
 from persistence.store import Store, StoreError
@@ -35,6 +45,18 @@ log = logging.getLogger(__name__)
 
 # How many ids a shutdown that loses records names in the log.
 LOST_IDS_LOGGED = 10
+# How long a worker waits for its peers: a flush may take a while, a count may not.
+PEER_FLUSH_TIMEOUT = 120.0
+PEER_QUERY_TIMEOUT = 0.5
+# Why records were refused, as counted in /stats "refused".
+REFUSAL_REASONS = (
+    "malformed",
+    "unsupported_media_type",
+    "too_large",
+    "invalid",
+    "buffer_full",
+    "journal_error",
+)
 
 
 class PersistenceService:
@@ -42,7 +64,7 @@ class PersistenceService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.buffer = Buffer(settings.buffer.hard_limit)
+        self.buffer = Buffer(settings.buffer.hard_limit, settings.buffer.hard_limit_bytes)
         self.store = Store(settings.database)
         self.flusher = Flusher(self.buffer, self.store, settings.buffer)
         self.health = HealthMonitor(self.store, settings.health)
@@ -51,18 +73,30 @@ class PersistenceService:
             TASKS.name: build_task_schema(settings.validation.task_statuses),
         }
         self.scheduler: BackgroundScheduler | None = None
+        self.control: ControlServer | None = None
+        self.recovery: RecoveryReport | None = None
         self._refused: Counter[str] = Counter()
+        self._refused_records: Counter[str] = Counter()
         self._refused_lock = threading.Lock()
         self._wake_pending = threading.Event()
         self._started = time.monotonic()
 
-    def start(self) -> None:
-        """Create the tables (when configured) and start the scheduler's threads."""
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self, control_dir: Path | None = None) -> None:
+        """Recover the journal, create the tables, start the scheduler and control threads.
+
+        ``control_dir`` (given by gunicorn.conf.py) is where this worker's control
+        socket goes, shared with the other workers of the same master.
+        """
         log.info(
-            "persistence service starting; database: %s; settings from %s",
+            "persistence service starting; database: %s; durability: %s; settings from %s",
             describe(self.settings),
+            self.settings.buffer.durability,
             self.settings.source,
         )
+        if self.settings.buffer.durability == "journal":
+            self._open_journal()
         if self.settings.database.create_tables:
             try:
                 self.store.create_schema()
@@ -72,22 +106,33 @@ class PersistenceService:
                     "could not create the tables at start (%s); the first flush will try again", exc
                 )
                 self.store.schema_pending = True
-        buf = self.settings.buffer
         self.scheduler = build_scheduler(
             self.flusher.flush_if_due,
-            buf.flush_interval,
+            self.settings.buffer.flush_interval,
             self.health.refresh,
             self.settings.health.check_interval,
         )
         self.scheduler.start()
+        if control_dir is not None:
+            self.control = ControlServer(control_dir, self._answer_peer)
+            self.control.start()
+        counts = self.buffer.counts()
+        if counts["sessions"] + counts["tasks"]:
+            self._wake_flusher()  # write what the journal brought back without waiting
 
     def stop(self) -> None:
-        """Stop the scheduler, write everything buffered, close the pool."""
+        """Stop the threads, write everything buffered, close the journal and the pool."""
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
+        journal = self.buffer.journal
         try:
-            result = self.flusher.flush_once(final=True)
+            # In memory mode a task still waiting for its session has no later chance:
+            # it goes to the dead letters. The journal keeps it for the next start.
+            result = self.flusher.flush_once(final=journal is None)
             log.info(
                 "shutdown flush wrote %d sessions and %d tasks",
                 result.sessions_written,
@@ -95,15 +140,53 @@ class PersistenceService:
             )
         except FlushFailed as exc:
             counts = self.buffer.counts()
-            log.error(
-                "shutdown flush failed (%s): %d sessions and %d tasks are LOST; first ids: %s",
-                exc,
+            if journal is not None:
+                log.error(
+                    "shutdown flush failed (%s): %d sessions and %d tasks stay in the "
+                    "journal for the next start",
+                    exc,
+                    counts["sessions"],
+                    counts["tasks"],
+                )
+            else:
+                log.error(
+                    "shutdown flush failed (%s): %d sessions and %d tasks are LOST; first ids: %s",
+                    exc,
+                    counts["sessions"],
+                    counts["tasks"],
+                    self.buffer.sample_keys(LOST_IDS_LOGGED),
+                )
+        finally:
+            if journal is not None:
+                journal.close()
+            self.store.close()
+
+    def _open_journal(self) -> None:
+        journal = Journal(self.settings.buffer.journal_dir)
+        journal.open()
+        self.buffer.journal = journal
+        report = RecoveryReport()
+        for entry in journal.recover(report):
+            self.buffer.replay(entry)
+        self.buffer.snapshot_to_journal()
+        journal.forget_adopted(report)
+        self.recovery = report
+        if report.directories:
+            counts = self.buffer.counts()
+            log.warning(
+                "journal recovery: %d journals of stopped processes, %d frames, %d records "
+                "(%d sessions and %d tasks after merging), %d torn and %d corrupt frames "
+                "skipped",
+                report.directories,
+                report.frames,
+                report.records,
                 counts["sessions"],
                 counts["tasks"],
-                self.buffer.sample_keys(LOST_IDS_LOGGED),
+                report.torn,
+                report.corrupt,
             )
-        finally:
-            self.store.close()
+
+    # --- intake -------------------------------------------------------------------------
 
     def accept(self, kind: RecordType, body: Any) -> int:
         """Validate a batch body and buffer its records, all or none; return the count."""
@@ -111,71 +194,142 @@ class PersistenceService:
             records = validate_batch(
                 kind, body, self.schemas[kind.name], self.settings.buffer.max_batch_size
             )
-            ready = self.buffer.add(kind, records)
-        except ApiError:
-            self._count_refused("invalid")
+        except ApiError as exc:
+            self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)
             raise
+        try:
+            ready = self.buffer.add(kind, records)
         except BufferFull as exc:
-            self._count_refused("buffer_full")
+            self.count_refused("buffer_full", body, kind)
             raise ServiceUnavailable(
-                f"The buffer is full ({exc.held} records held, hard limit {exc.limit}); "
-                "nothing of this batch was kept. Retry later.",
+                f"The buffer is full: {exc}; nothing of this batch was kept. Retry later.",
+                retry_after=self._retry_after(),
+            ) from None
+        except OSError as exc:
+            self.count_refused("journal_error", body, kind)
+            log.error("journal write failed: %s", exc)
+            raise ServiceUnavailable(
+                f"The batch could not be written to the journal ({exc.strerror or exc}); "
+                "it may be sent again safely.",
                 retry_after=self._retry_after(),
             ) from None
         if ready >= self.settings.buffer.max_buffer_size:
             self._wake_flusher()
         return len(records)
 
-    def flush(self) -> FlushResult:
-        """Write everything buffered now (``POST /flush``), ignoring any backoff."""
-        try:
-            return self.flusher.flush_once()
-        except FlushFailed as exc:
-            counts = self.buffer.counts()
+    def count_refused(self, reason: str, body: Any = None, kind: RecordType | None = None) -> None:
+        """Count a refused batch, and its records when the body could be read."""
+        items = body.get(kind.plural) if kind and isinstance(body, dict) else None
+        with self._refused_lock:
+            self._refused[reason] += 1
+            self._refused_records[reason] += len(items) if isinstance(items, list) else 0
+
+    # --- whole-service views ------------------------------------------------------------
+
+    def flush(self) -> dict[str, Any]:
+        """Write what every worker holds, ignoring any backoff; 503 if any write failed."""
+        started = time.perf_counter()
+        results = self._flush_everywhere()
+        workers = len(results)
+        if workers > 1 and any(r.get("tasks_waiting") for r in results):
+            # A task may wait in one worker for a session another worker has just written.
+            results = [{**r, "tasks_waiting": 0} for r in results] + self._flush_everywhere()
+        total = {
+            key: sum(r.get(key, 0) for r in results)
+            for key in ("sessions_written", "tasks_written", "dead_lettered", "tasks_waiting")
+        }
+        total["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        total["workers"] = workers
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            counts = self.stats()["buffer"]
             raise ServiceUnavailable(
-                f"Writing to the database failed: {exc}. The records stay buffered.",
+                f"Writing to the database failed: {errors[0]}. The records stay buffered.",
                 retry_after=self._retry_after(),
                 status="error",
-                sessions_buffered=counts["sessions"],
-                tasks_buffered=counts["tasks"],
-            ) from None
+                sessions_buffered=counts["sessions_count"],
+                tasks_buffered=counts["tasks_count"],
+                **total,
+            )
+        return total
+
+    def _flush_everywhere(self) -> list[dict[str, Any]]:
+        return [self.worker_flush(), *ask_peers(self.control, "flush", PEER_FLUSH_TIMEOUT)]
 
     def health_report(self) -> tuple[bool, dict[str, Any]]:
         healthy = self.health.database_healthy()
-        counts = self.buffer.counts()
-        report = {
+        reports = [self.worker_buffer(), *ask_peers(self.control, "buffer", PEER_QUERY_TIMEOUT)]
+        reports = [r for r in reports if "error" not in r]
+        report: dict[str, Any] = {
             "status": "healthy" if healthy else "unhealthy",
             "database": "healthy" if healthy else "unhealthy",
             "database_driver": self.store.driver,
             "buffer": {
-                "sessions_count": counts["sessions"],
-                "tasks_count": counts["tasks"],
-                "last_flush": iso(self.flusher.stats.last_flush_time),
+                "sessions_count": sum(r["sessions_count"] for r in reports),
+                "tasks_count": sum(r["tasks_count"] for r in reports),
+                "last_flush": max(
+                    (r["last_flush"] for r in reports if r["last_flush"]), default=None
+                ),
             },
+            "workers": len(reports),
         }
         if not healthy:
             report["database_error"] = self.health.last_error
         return healthy, report
 
     def stats(self) -> dict[str, Any]:
+        peers = ask_peers(self.control, "stats", PEER_QUERY_TIMEOUT * 4)
+        answered = [p for p in peers if "error" not in p]
+        combined = stats_module.combine([self.worker_stats(), *answered])
+        combined["workers"]["unreachable"] = len(peers) - len(answered)
+        return combined
+
+    # --- this worker only ---------------------------------------------------------------
+
+    def worker_flush(self) -> dict[str, Any]:
+        try:
+            result = self.flusher.flush_once()
+        except FlushFailed as exc:
+            return {"error": str(exc)}
+        return {
+            "sessions_written": result.sessions_written,
+            "tasks_written": result.tasks_written,
+            "dead_lettered": result.dead_lettered,
+            "tasks_waiting": result.tasks_waiting,
+        }
+
+    def worker_buffer(self) -> dict[str, Any]:
+        counts = self.buffer.counts()
+        return {
+            "sessions_count": counts["sessions"],
+            "tasks_count": counts["tasks"],
+            "last_flush": iso(self.flusher.stats.last_flush_time),
+        }
+
+    def worker_stats(self) -> dict[str, Any]:
         counts = self.buffer.counts()
         buffered = counts["sessions"] + counts["tasks"]
-        capacity = self.settings.buffer.max_buffer_size
+        buf = self.settings.buffer
         flush = self.flusher.stats
-        written = flush.sessions_written + flush.tasks_written
         received = self.buffer.received()
         with self._refused_lock:
-            refused = dict(self._refused)
+            refused = {
+                reason: {"batches": self._refused[reason], "records": self._refused_records[reason]}
+                for reason in REFUSAL_REASONS
+            }
+        journal = self.buffer.journal
         return {
             "buffer": {
                 "sessions_count": counts["sessions"],
                 "tasks_count": counts["tasks"],
                 "total_count": buffered,
-                "capacity": capacity,
-                "usage_percent": round(100 * buffered / capacity, 2),
+                "capacity": buf.max_buffer_size,
+                "usage_percent": round(100 * buffered / buf.max_buffer_size, 2),
                 "in_flight": counts["in_flight"],
                 "tasks_waiting_for_session": counts["waiting"],
-                "hard_limit": self.settings.buffer.hard_limit,
+                "bytes": counts["bytes"],
+                "hard_limit": buf.hard_limit,
+                "hard_limit_bytes": buf.hard_limit_bytes,
             },
             "flush_info": {
                 "last_flush_time": iso(flush.last_flush_time),
@@ -186,6 +340,7 @@ class PersistenceService:
                     if flush.flush_count
                     else 0.0
                 ),
+                "total_flush_duration_ms": round(flush.total_duration_ms, 3),
                 "failed_flush_count": flush.failed_flush_count,
                 "last_error": flush.last_error,
                 "last_error_time": iso(flush.last_error_time),
@@ -196,7 +351,9 @@ class PersistenceService:
                 "total_tasks_written": flush.tasks_written,
                 "total_flush_count": flush.flush_count,
                 "average_batch_size": (
-                    round(written / flush.flush_count, 2) if flush.flush_count else 0.0
+                    round((flush.sessions_written + flush.tasks_written) / flush.flush_count, 2)
+                    if flush.flush_count
+                    else 0.0
                 ),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "sessions_received": received["sessions"],
@@ -205,14 +362,30 @@ class PersistenceService:
             "dead_letters": {
                 "sessions": flush.dead_lettered[SESSIONS.name],
                 "tasks": flush.dead_lettered[TASKS.name],
+                "by_reason": dict(flush.dead_letter_reasons),
             },
-            "refused_batches": {
-                "invalid": refused.get("invalid", 0),
-                "buffer_full": refused.get("buffer_full", 0),
+            "refused": refused,
+            "journal": {
+                "durability": buf.durability,
+                "fsyncs": journal.fsyncs if journal else 0,
+                "recovered": self.recovery.as_dict() if self.recovery else {},
             },
             "database": {"driver": self.store.driver},
+            "worker": {"pid": os.getpid()},
             "timestamp": iso(utc_now()),
         }
+
+    def _answer_peer(self, op: str) -> dict[str, Any]:
+        answers = {
+            "flush": self.worker_flush,
+            "stats": self.worker_stats,
+            "buffer": self.worker_buffer,
+        }
+        if op not in answers:
+            return {"error": f"unknown operation {op!r}"}
+        return answers[op]()
+
+    # --- helpers ------------------------------------------------------------------------
 
     def _wake_flusher(self) -> None:
         """Ask for a flush on a scheduler thread; at most one such request is pending."""
@@ -229,7 +402,3 @@ class PersistenceService:
         """Seconds a client should wait: the backoff if any, else a few seconds."""
         wait = self.flusher.backoff_remaining() or min(self.settings.buffer.flush_interval, 5)
         return max(1, round(wait))
-
-    def _count_refused(self, reason: str) -> None:
-        with self._refused_lock:
-            self._refused[reason] += 1

@@ -291,7 +291,11 @@ def test_a_task_whose_session_never_comes_is_dead_lettered_after_the_timeout(
     assert rows[0][:2] == ("task", "orphan")
     assert '"task_id":"orphan"' in rows[0][2].replace(": ", ":")
     assert sid in rows[0][3]
-    assert client.get(STATS_URL).get_json()["dead_letters"] == {"sessions": 0, "tasks": 1}
+    assert client.get(STATS_URL).get_json()["dead_letters"] == {
+        "sessions": 0,
+        "tasks": 1,
+        "by_reason": {"session_not_found": 1},
+    }
 
 
 def test_a_poison_row_is_dead_lettered_and_the_rest_of_the_batch_lands(
@@ -539,4 +543,20 @@ def test_a_full_buffer_refuses_with_503_and_retry_after(app_factory: Callable[..
     assert body["retry_after"] == int(response.headers["Retry-After"])
     stats = client.get(STATS_URL).get_json()
     assert stats["buffer"]["tasks_count"] == 1010
-    assert stats["refused_batches"]["buffer_full"] == 1
+    assert stats["refused"]["buffer_full"] == {"batches": 1, "records": 1}
+
+
+def test_every_refusal_is_counted_by_reason(app_factory: Callable[..., Flask]) -> None:
+    client = app_factory(service={"max_request_bytes": 4096}, start=False).test_client()
+    sid = new_session_id()
+    client.post(TASKS_URL, data=b"{", content_type="application/json")
+    client.post(TASKS_URL, data=b"{}", content_type="text/plain")
+    client.post(TASKS_URL, json={"tasks": [task(sid, source_text="x" * 5000)]})
+    post_tasks(client, task(sid, status="nope"), task(sid))
+    post_tasks(client, task(sid))
+    refused = client.get(STATS_URL).get_json()["refused"]
+    assert refused["malformed"] == {"batches": 1, "records": 0}
+    assert refused["unsupported_media_type"] == {"batches": 1, "records": 0}
+    assert refused["too_large"] == {"batches": 1, "records": 0}
+    assert refused["invalid"] == {"batches": 1, "records": 2}
+    assert refused["buffer_full"] == {"batches": 0, "records": 0}

@@ -1,29 +1,47 @@
-"""The buffer alone: coalescing, the hard limit, drain/restore/release, threads."""
+"""The buffer alone: stamps, coalescing, hard limits, drain/restore/finish, threads."""
 
 from __future__ import annotations
 
 import threading
 
+import orjson
 import pytest
 
 from persistence.buffer import Buffer, BufferFull
-from persistence.records import SESSIONS, TASKS
+from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
 from tests.factories import new_session_id, session, task
+
+BIG = 1 << 40
+
+
+def make_buffer(hard_limit: int = 1_000_000, hard_limit_bytes: int = BIG) -> Buffer:
+    return Buffer(hard_limit, hard_limit_bytes)
+
+
+def test_records_are_stamped_in_arrival_order() -> None:
+    buffer = make_buffer()
+    sid = new_session_id()
+    first = [task(sid, task_id="a"), task(sid, task_id="b")]
+    second = [task(sid, task_id="c")]
+    buffer.add(TASKS, first)
+    buffer.add(TASKS, second)
+    stamps = [r[ORDER_COLUMN] for r in buffer.drain().of(TASKS).values()]
+    assert stamps == sorted(stamps)
+    assert len(set(stamps)) == 3
 
 
 def test_repeated_updates_of_a_task_coalesce_to_the_newest() -> None:
-    buffer = Buffer(hard_limit=100)
+    buffer = make_buffer()
     sid = new_session_id()
-    first = task(sid, task_id="t-1", status="pending")
-    second = task(sid, task_id="t-1", status="completed", target_text="fait")
-    buffer.add(TASKS, [first])
-    buffer.add(TASKS, [second])
-    batch = buffer.drain()
-    assert batch.of(TASKS) == {"t-1": second}
+    buffer.add(TASKS, [task(sid, task_id="t-1", status="pending")])
+    buffer.add(TASKS, [task(sid, task_id="t-1", status="completed", target_text="fait")])
+    drained = buffer.drain().of(TASKS)
+    assert list(drained) == ["t-1"]
+    assert (drained["t-1"]["status"], drained["t-1"]["target_text"]) == ("completed", "fait")
 
 
 def test_session_counters_never_decrease_but_other_columns_take_the_newest() -> None:
-    buffer = Buffer(hard_limit=100)
+    buffer = make_buffer()
     sid = new_session_id()
     buffer.add(
         SESSIONS,
@@ -58,7 +76,7 @@ def test_session_counters_never_decrease_but_other_columns_take_the_newest() -> 
 
 
 def test_duplicates_inside_one_batch_coalesce_in_order() -> None:
-    buffer = Buffer(hard_limit=100)
+    buffer = make_buffer()
     sid = new_session_id()
     ready = buffer.add(
         TASKS, [task(sid, task_id="a", status="pending"), task(sid, task_id="a", status="failed")]
@@ -68,44 +86,74 @@ def test_duplicates_inside_one_batch_coalesce_in_order() -> None:
     assert buffer.received() == {"sessions": 0, "tasks": 2}
 
 
-def test_a_batch_past_the_hard_limit_is_refused_whole() -> None:
-    buffer = Buffer(hard_limit=5)
+def test_a_batch_past_the_record_limit_is_refused_whole() -> None:
+    buffer = make_buffer(hard_limit=5)
     sid = new_session_id()
     buffer.add(TASKS, [task(sid) for _ in range(3)])
     with pytest.raises(BufferFull) as refused:
         buffer.add(TASKS, [task(sid) for _ in range(3)])
-    assert (refused.value.held, refused.value.incoming, refused.value.limit) == (3, 3, 5)
+    assert (refused.value.what, refused.value.held, refused.value.incoming) == ("records", 3, 3)
     assert buffer.counts()["tasks"] == 3  # nothing of the refused batch was kept
 
 
-def test_records_in_flight_count_against_the_hard_limit_until_released() -> None:
-    buffer = Buffer(hard_limit=4)
+def test_a_batch_past_the_byte_limit_is_refused_whole() -> None:
+    sid = new_session_id()
+    one = len(orjson.dumps({**task(sid, task_id="x" * 10), ORDER_COLUMN: 1 << 52}))
+    buffer = make_buffer(hard_limit_bytes=one * 3)
+    buffer.add(TASKS, [task(sid, task_id=f"{n:010d}") for n in range(2)])
+    held = buffer.counts()["bytes"]
+    assert 0 < held <= 2 * one
+    with pytest.raises(BufferFull) as refused:
+        buffer.add(TASKS, [task(sid, task_id=f"{n:010d}") for n in range(10, 12)])
+    assert refused.value.what == "bytes"
+    assert buffer.counts()["bytes"] == held
+
+
+def test_records_in_flight_count_against_the_limits_until_finished() -> None:
+    buffer = make_buffer(hard_limit=4)
     sid = new_session_id()
     buffer.add(TASKS, [task(sid) for _ in range(4)])
+    nbytes = buffer.counts()["bytes"]
     batch = buffer.drain()
-    assert buffer.counts() == {"sessions": 0, "tasks": 0, "in_flight": 4, "waiting": 0}
+    assert buffer.counts() == {
+        "sessions": 0,
+        "tasks": 0,
+        "in_flight": 4,
+        "waiting": 0,
+        "bytes": nbytes,
+    }
     with pytest.raises(BufferFull):
         buffer.add(TASKS, [task(sid)])
-    buffer.release(len(batch))
+    buffer.finish(batch)
     buffer.add(TASKS, [task(sid)])
     assert buffer.counts()["in_flight"] == 0
 
 
 def test_restore_lets_updates_that_arrived_meanwhile_win() -> None:
-    buffer = Buffer(hard_limit=100)
+    buffer = make_buffer()
     sid = new_session_id()
     buffer.add(SESSIONS, [session(session_id=sid, status="processing", completed_tasks=5)])
     drained = buffer.drain()
     buffer.add(SESSIONS, [session(session_id=sid, status="completed", completed_tasks=3)])
     buffer.restore(SESSIONS, drained.of(SESSIONS))
+    buffer.finish(drained)
     merged = buffer.drain().of(SESSIONS)[sid]
     assert merged["status"] == "completed"  # the newer update wins ...
     assert merged["completed_tasks"] == 5  # ... but counters still never decrease
-    assert buffer.counts()["in_flight"] == 1  # the restored record merged into the newer one
+
+
+def test_a_restored_task_never_overwrites_a_newer_update() -> None:
+    buffer = make_buffer()
+    sid = new_session_id()
+    buffer.add(TASKS, [task(sid, task_id="t", status="processing")])
+    drained = buffer.drain()
+    buffer.add(TASKS, [task(sid, task_id="t", status="completed")])
+    buffer.restore(TASKS, drained.of(TASKS))
+    assert buffer.drain().of(TASKS)["t"]["status"] == "completed"
 
 
 def test_waiting_tasks_do_not_count_towards_the_flush_trigger() -> None:
-    buffer = Buffer(hard_limit=100)
+    buffer = make_buffer()
     sid = new_session_id()
     buffer.add(TASKS, [task(sid, task_id="w")])
     drained = buffer.drain()
@@ -117,7 +165,7 @@ def test_waiting_tasks_do_not_count_towards_the_flush_trigger() -> None:
 
 def test_concurrent_writers_lose_no_update() -> None:
     """8 threads add interleaved updates; the final state equals sequential coalescing."""
-    buffer = Buffer(hard_limit=1_000_000)
+    buffer = make_buffer()
     sid = new_session_id()
     per_thread = 500
 

@@ -243,22 +243,30 @@ def run_to_exit(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "env"),
-    [
-        ((), {"SERVICE_WORKERS": "2"}),
-        (("-w", "3"), {}),
-    ],
-)
-def test_more_than_one_worker_is_refused_with_a_clear_message(
-    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+@pytest.mark.mysql
+@pytest.mark.parametrize("workers", [2, 4])
+def test_several_workers_flush_and_report_as_one_service(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database, workers: int
 ) -> None:
-    result = run_to_exit(tmp_path, *args, **env)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if "config error" in line]
-    assert len(lines) == 1
-    assert "workers" in lines[0]
-    assert "more than one worker is not supported" in lines[0]
+    server = start_server(SERVICE_WORKERS=str(workers), BUFFER_FLUSH_INTERVAL="3600", **mysql_env)
+    assert wait_for(lambda: server.get(f"{API}/stats").json()["workers"]["count"] == workers)
+    _, ids = post_load(server, batches=40, size=25)  # a new connection per batch
+    stats = server.get(f"{API}/stats").json()
+    assert stats["workers"]["count"] == workers
+    assert len(set(stats["workers"]["pids"])) == workers
+    assert sum(1 for n in stats["workers"]["buffered"] if n) >= 2  # the load was spread
+    assert stats["performance"]["tasks_received"] == 1000
+    assert stats["buffer"]["tasks_count"] == 1000
+    assert server.get("/health").json()["buffer"]["tasks_count"] == 1000
+
+    flushed = server.post(f"{API}/flush").json()
+    assert (flushed["tasks_written"], flushed["sessions_written"]) == (1000, 1)
+    assert flushed["workers"] == workers
+    landed = {row[0] for row in mysql_db.query("SELECT task_id FROM translation_tasks")}
+    assert landed == set(ids)
+    stats = server.get(f"{API}/stats").json()
+    assert stats["buffer"]["total_count"] == 0
+    assert stats["performance"]["total_tasks_written"] == 1000
 
 
 @pytest.mark.parametrize(

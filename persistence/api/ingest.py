@@ -5,12 +5,15 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from persistence.api import service
-from persistence.errors import PayloadTooLarge, UnsupportedMediaType
+from persistence.errors import ApiError, PayloadTooLarge, UnsupportedMediaType
 from persistence.flusher import iso, utc_now
 from persistence.intake import decode_json
 from persistence.records import SESSIONS, TASKS, RecordType
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/v1/persistence")
+
+# The /stats "refused" counter of each refusal that happens before validation.
+_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
 
 @bp.post("/sessions/batch")
@@ -24,7 +27,12 @@ def tasks_batch() -> Response:
 
 
 def _accept(kind: RecordType) -> Response:
-    count = service().accept(kind, decode_json(_json_body()))
+    try:
+        body = decode_json(_json_body())
+    except ApiError as exc:
+        service().count_refused(_REASONS[exc.status])
+        raise
+    count = service().accept(kind, body)
     return jsonify(status="accepted", count=count, timestamp=iso(utc_now()))
 
 

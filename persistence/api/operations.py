@@ -11,15 +11,7 @@ bp = Blueprint("operations", __name__, url_prefix="/api/v1/persistence")
 
 @bp.post("/flush")
 def flush() -> Response:
-    result = service().flush()
-    return jsonify(
-        status="flushed",
-        sessions_written=result.sessions_written,
-        tasks_written=result.tasks_written,
-        duration_ms=result.duration_ms,
-        dead_lettered=result.dead_lettered,
-        tasks_waiting=result.tasks_waiting,
-    )
+    return jsonify(status="flushed", **service().flush())
 
 
 @bp.get("/stats")

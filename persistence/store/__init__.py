@@ -22,7 +22,7 @@ import orjson
 from dbutils.pooled_db import PooledDB
 
 from persistence.config import DatabaseSettings
-from persistence.records import RECORD_TYPES, SESSIONS, Record, RecordType
+from persistence.records import ORDER_COLUMN, RECORD_TYPES, SESSIONS, Record, RecordType
 from persistence.store.dialects import Dialect, dialect_for, split_statements, sql_file
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class DeadLetter:
     record: Record
     error_code: int | None
     error_message: str
+    reason: str = "refused_by_database"
 
 
 class Store:
@@ -84,8 +85,28 @@ class Store:
             for statement in statements:
                 self._run(cur.execute, statement)
             self._run(conn.commit)
+        self._add_order_column()
         if self.driver == "sqlite":
             self._enable_wal()
+
+    def _add_order_column(self) -> None:
+        """Add ``ingest_seq`` to tables created before it existed."""
+        for kind in RECORD_TYPES:
+            with self._connection() as conn:
+                cur = conn.cursor()
+                try:
+                    cur.execute(f"SELECT {ORDER_COLUMN} FROM {kind.table} WHERE 1 = 0")
+                    cur.fetchall()
+                    continue
+                except Exception:  # noqa: BLE001 - the column is missing; any other problem
+                    conn.rollback()  # shows again in the ALTER below
+                log.warning("adding column %s to %s", ORDER_COLUMN, kind.table)
+                self._run(
+                    cur.execute,
+                    f"ALTER TABLE {kind.table} ADD COLUMN {ORDER_COLUMN} "
+                    f"{self.dialect.order_column_type}",
+                )
+                self._run(conn.commit)
 
     def upsert(self, kind: RecordType, records: Sequence[Record]) -> None:
         """Write ``records`` (one per key) in one ``executemany`` and one commit."""
@@ -130,7 +151,7 @@ class Store:
         if not letters:
             return
         self._ensure_schema()
-        now = self.dialect.adapt_time(datetime.now(UTC).replace(tzinfo=None, microsecond=0))
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
         rows = [
             (
                 letter.kind.name,

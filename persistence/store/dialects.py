@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pymysql
 from dbutils.pooled_db import PooledDB
 
 from persistence.config import DatabaseSettings
-from persistence.records import RecordType
+from persistence.records import ORDER_COLUMN, RecordType
 
 # MySQL/MariaDB error codes that a given row causes and retrying will not cure.
 MYSQL_ROW_ERRORS = frozenset(
@@ -85,9 +84,41 @@ class Dialect(ABC):
     def error_code(self, exc: Exception) -> int | None:
         return None
 
+    # How the upsert names the value being inserted, picks the larger of two values,
+    # starts its update clause, and what else it sets.
+    greatest: str
+    order_column_type: str
+    upsert_clause: str
+    extra_updates: tuple[str, ...] = ()
+
     @abstractmethod
+    def new_value(self, column: str) -> str:
+        """The expression for the inserted value of ``column`` inside the update clause."""
+
     def upsert_sql(self, kind: RecordType) -> str:
-        """The upsert of one record of ``kind``, for ``executemany``."""
+        """The upsert of one record of ``kind``, for ``executemany``.
+
+        A record changes a row's columns only if its arrival stamp is not older
+        than the row's; the never-decreasing counters take the larger value
+        whatever the order. The stamp is assigned last: MySQL evaluates the
+        assignments left to right, so every condition sees the row's old stamp.
+        """
+        is_newer = f"{self.new_value(ORDER_COLUMN)} >= {ORDER_COLUMN}"
+        updates = []
+        for column in kind.columns:
+            new = self.new_value(column)
+            if column in (kind.key, ORDER_COLUMN):
+                continue
+            if column in kind.never_decrease:
+                updates.append(f"{column} = {self.greatest}(COALESCE({column}, 0), {new})")
+            else:
+                updates.append(f"{column} = CASE WHEN {is_newer} THEN {new} ELSE {column} END")
+        updates.append(
+            f"{ORDER_COLUMN} = {self.greatest}({ORDER_COLUMN}, {self.new_value(ORDER_COLUMN)})"
+        )
+        updates.extend(self.extra_updates)
+        clause = self.upsert_clause.format(key=kind.key)
+        return f"{self._insert_head(kind)} {clause} {', '.join(updates)}"
 
     @abstractmethod
     def dead_letter_sql(self) -> str:
@@ -97,22 +128,14 @@ class Dialect(ABC):
     def prepare_database(self) -> None:
         """Make sure the database itself exists (before tables are created)."""
 
-    def adapt_time(self, value: datetime) -> Any:
-        return value
-
     def row_converter(self, kind: RecordType) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
         """A function turning a record into the parameter tuple of :meth:`upsert_sql`."""
-        adapters: list[Callable[[Any], Any] | None] = []
-        for column in kind.columns:
-            if column in kind.json_columns:
-                adapters.append(_json_text)
-            elif column in ("start_time", "end_time"):
-                adapters.append(lambda v: None if v is None else self.adapt_time(v))
-            else:
-                adapters.append(None)
-        pairs = list(zip(kind.columns, adapters, strict=True))
+        columns = kind.columns
+        json_columns = kind.json_columns
+        if not json_columns:
+            return lambda record: tuple([record[c] for c in columns])
         return lambda record: tuple(
-            record[c] if adapt is None else adapt(record[c]) for c, adapt in pairs
+            [_json_text(record[c]) if c in json_columns else record[c] for c in columns]
         )
 
     def _insert_head(self, kind: RecordType) -> str:
@@ -187,18 +210,14 @@ class MysqlDialect(Dialect):
     def is_row_error(self, exc: Exception) -> bool:
         return self.error_code(exc) in MYSQL_ROW_ERRORS
 
-    def upsert_sql(self, kind: RecordType) -> str:
+    greatest = "GREATEST"
+    order_column_type = "BIGINT NOT NULL DEFAULT 0"
+    upsert_clause = "ON DUPLICATE KEY UPDATE"
+
+    def new_value(self, column: str) -> str:
         # VALUES(col) works on MySQL 8 and MariaDB alike (the `AS new` alias does not), and
         # a VALUES list of bare placeholders lets PyMySQL send multi-row statements.
-        updates = []
-        for column in kind.columns:
-            if column == kind.key:
-                continue
-            if column in kind.never_decrease:
-                updates.append(f"{column} = GREATEST(COALESCE({column}, 0), VALUES({column}))")
-            else:
-                updates.append(f"{column} = VALUES({column})")
-        return f"{self._insert_head(kind)} ON DUPLICATE KEY UPDATE {', '.join(updates)}"
+        return f"VALUES({column})"
 
     def dead_letter_sql(self) -> str:
         return (
@@ -248,22 +267,13 @@ class SqliteDialect(Dialect):
     def is_row_error(self, exc: Exception) -> bool:
         return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError))
 
-    def adapt_time(self, value: datetime) -> str:
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+    greatest = "MAX"
+    order_column_type = "INTEGER NOT NULL DEFAULT 0"
+    upsert_clause = "ON CONFLICT ({key}) DO UPDATE SET"
+    extra_updates = ("updated_at = CURRENT_TIMESTAMP",)
 
-    def upsert_sql(self, kind: RecordType) -> str:
-        updates = []
-        for column in kind.columns:
-            if column == kind.key:
-                continue
-            if column in kind.never_decrease:
-                updates.append(f"{column} = MAX(COALESCE({column}, 0), excluded.{column})")
-            else:
-                updates.append(f"{column} = excluded.{column}")
-        updates.append("updated_at = CURRENT_TIMESTAMP")
-        return (
-            f"{self._insert_head(kind)} ON CONFLICT ({kind.key}) DO UPDATE SET {', '.join(updates)}"
-        )
+    def new_value(self, column: str) -> str:
+        return f"excluded.{column}"
 
     def dead_letter_sql(self) -> str:
         return (

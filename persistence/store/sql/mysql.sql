@@ -4,6 +4,9 @@
 --   mysql ai_terminal < persistence/store/sql/mysql.sql
 -- Key columns use utf8mb4_bin so that keys compare exactly as the service's
 -- buffer compares them (the API refuses keys with surrounding whitespace).
+-- ingest_seq is the service's arrival stamp of the row's newest record
+-- (microseconds since the epoch): an update with an older stamp never
+-- overwrites a newer one, whichever process or retry writes it.
 
 CREATE TABLE IF NOT EXISTS translation_sessions (
     session_id       VARCHAR(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -17,6 +20,7 @@ CREATE TABLE IF NOT EXISTS translation_sessions (
     completed_tasks  INT DEFAULT 0,
     failed_tasks     INT DEFAULT 0,
     processing_tasks INT DEFAULT 0,
+    ingest_seq       BIGINT NOT NULL DEFAULT 0,
     created_at       TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at       TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
     PRIMARY KEY (session_id),
@@ -42,6 +46,7 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     start_time    TIMESTAMP NULL DEFAULT NULL,
     end_time      TIMESTAMP NULL DEFAULT NULL,
     duration_ms   INT NULL,
+    ingest_seq    BIGINT NOT NULL DEFAULT 0,
     created_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
     PRIMARY KEY (task_id),

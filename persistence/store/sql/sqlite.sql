@@ -14,6 +14,7 @@ CREATE TABLE IF NOT EXISTS translation_sessions (
     completed_tasks  INTEGER DEFAULT 0,
     failed_tasks     INTEGER DEFAULT 0,
     processing_tasks INTEGER DEFAULT 0,
+    ingest_seq       INTEGER NOT NULL DEFAULT 0,
     created_at       TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at       TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     start_time    TEXT NULL,
     end_time      TEXT NULL,
     duration_ms   INTEGER NULL,
+    ingest_seq    INTEGER NOT NULL DEFAULT 0,
     created_at    TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at    TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
