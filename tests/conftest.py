@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,13 @@ from typing import Any
 
 import pymysql
 import pytest
+import requests
 from flask import Flask
 
 from persistence import create_app
 from persistence.config import Settings, load_settings
 from persistence.service import PersistenceService
+from tests.gunicorn_server import Server, free_port, gunicorn_command, service_env
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REAL_CONNECT = pymysql.connect
@@ -238,3 +243,67 @@ def client(app: Flask) -> Any:
 @pytest.fixture
 def service(app: Flask) -> PersistenceService:
     return app.extensions["persistence"]
+
+
+# --- the service under gunicorn --------------------------------------------------------
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start gunicorn in ``tmp_path`` (no config.yaml there) and wait until it answers."""
+    servers: list[Server] = []
+
+    def start(*args: str, **env: str) -> Server:
+        port = free_port()
+        log = tmp_path / f"gunicorn-{port}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                gunicorn_command("-b", f"127.0.0.1:{port}", *args),
+                cwd=tmp_path,
+                env=service_env(tmp_path, **env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        servers.append(server)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
+            try:
+                if server.get("/health").status_code in (200, 503):
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture
+def mysql_env(mysql_server: MysqlServer, mysql_database: str) -> Iterator[dict[str, str]]:
+    env = {
+        "DB_DRIVER": "mysql",
+        "DB_HOST": mysql_server.host,
+        "DB_PORT": str(mysql_server.port),
+        "DB_USER": mysql_server.user,
+        "DB_PASSWORD": mysql_server.password,
+        "DB_DATABASE": mysql_database,
+    }
+    direct = Database("mysql", {"database": mysql_database}, mysql_server)
+    yield env
+    existing = {row[0] for row in direct.query("SHOW TABLES")}
+    for table in ("persistence_dead_letters", "translation_tasks", "translation_sessions"):
+        if table in existing:
+            direct.execute(f"DELETE FROM {table}")
+
+
+@pytest.fixture
+def mysql_db(mysql_server: MysqlServer, mysql_database: str) -> Database:
+    return Database("mysql", {"database": mysql_database}, mysql_server)

@@ -2,138 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import Database, MysqlServer
+from tests.conftest import Database
 from tests.factories import new_session_id, session, task
+from tests.gunicorn_server import API, Server, free_port, gunicorn_command, service_env, wait_for
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parent.parent
-API = "/api/v1/persistence"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[str]
-    url: str
-    log: Path
-
-    def post(self, path: str, body: Any = None) -> requests.Response:
-        return requests.post(self.url + path, json=body, timeout=5)
-
-    def get(self, path: str) -> requests.Response:
-        return requests.get(self.url + path, timeout=5)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-
-def gunicorn_command(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-c",
-        str(REPO / "gunicorn.conf.py"),
-        *args,
-        "wsgi:app",
-    ]
-
-
-def service_env(tmp_path: Path, **env: str) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DB_", "SERVICE_", "BUFFER_", "LOG_", "PERSISTENCE_"))
-    }
-    base.update(PYTHONPATH=str(REPO), LOG_FILE="", DB_SQLITE_PATH=str(tmp_path / "service.db"))
-    base.update(env)
-    return base
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Any]:
-    """Start gunicorn in ``tmp_path`` (no config.yaml there) and wait until it answers."""
-    servers: list[Server] = []
-
-    def start(*args: str, **env: str) -> Server:
-        port = free_port()
-        log = tmp_path / f"gunicorn-{port}.log"
-        with log.open("w") as out:
-            process = subprocess.Popen(
-                gunicorn_command("-b", f"127.0.0.1:{port}", *args),
-                cwd=tmp_path,
-                env=service_env(tmp_path, **env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        server = Server(process, f"http://127.0.0.1:{port}", log)
-        servers.append(server)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
-            try:
-                if server.get("/health").status_code in (200, 503):
-                    return server
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
-
-    yield start
-    for server in servers:
-        if server.process.poll() is None:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
-
-
-@pytest.fixture
-def mysql_env(mysql_server: MysqlServer, mysql_database: str) -> Iterator[dict[str, str]]:
-    env = {
-        "DB_DRIVER": "mysql",
-        "DB_HOST": mysql_server.host,
-        "DB_PORT": str(mysql_server.port),
-        "DB_USER": mysql_server.user,
-        "DB_PASSWORD": mysql_server.password,
-        "DB_DATABASE": mysql_database,
-    }
-    direct = Database("mysql", {"database": mysql_database}, mysql_server)
-    yield env
-    existing = {row[0] for row in direct.query("SHOW TABLES")}
-    for table in ("persistence_dead_letters", "translation_tasks", "translation_sessions"):
-        if table in existing:
-            direct.execute(f"DELETE FROM {table}")
-
-
-@pytest.fixture
-def mysql_db(mysql_server: MysqlServer, mysql_database: str) -> Database:
-    return Database("mysql", {"database": mysql_database}, mysql_server)
 
 
 def post_load(server: Server, batches: int = 5, size: int = 100) -> tuple[str, list[str]]:
@@ -146,15 +28,6 @@ def post_load(server: Server, batches: int = 5, size: int = 100) -> tuple[str, l
         assert response.status_code == 200, response.text
         ids += [r["task_id"] for r in records]
     return sid, ids
-
-
-def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 @pytest.mark.mysql
