@@ -523,7 +523,9 @@ def test_unknown_paths_and_methods_answer_json(client: FlaskClient) -> None:
     assert_refused(client.delete("/health"), 405)
 
 
-def test_a_full_buffer_refuses_with_503_and_retry_after(app_factory: Callable[..., Flask]) -> None:
+def test_a_full_buffer_refuses_with_503_and_loses_nothing_accepted(
+    app_factory: Callable[..., Flask], db: Database
+) -> None:
     app = app_factory(
         buffer={
             "flush_interval": 3600,
@@ -535,15 +537,24 @@ def test_a_full_buffer_refuses_with_503_and_retry_after(app_factory: Callable[..
     )
     client = app.test_client()
     sid = new_session_id()
-    for _ in range(101):
-        assert post_tasks(client, *[task(sid) for _ in range(10)]).status_code == 200
-    response = post_tasks(client, task(sid))
+    assert post_sessions(client, session(session_id=sid)).status_code == 200
+    accepted = []
+    for _ in range(100):
+        batch = [task(sid) for _ in range(10)]
+        assert post_tasks(client, *batch).status_code == 200
+        accepted += [t["task_id"] for t in batch]
+    response = post_tasks(client, *[task(sid) for _ in range(10)])  # 1011 > 1010
     body = assert_refused(response, 503, "hard limit", "Retry later")
     assert int(response.headers["Retry-After"]) >= 1
     assert body["retry_after"] == int(response.headers["Retry-After"])
     stats = client.get(STATS_URL).get_json()
-    assert stats["buffer"]["tasks_count"] == 1010
-    assert stats["refused"]["buffer_full"] == {"batches": 1, "records": 1}
+    assert stats["buffer"]["total_count"] == 1001  # nothing of the refused batch
+    assert stats["refused"]["buffer_full"] == {"batches": 1, "records": 10}
+
+    assert flush(client)["tasks_written"] == 1000
+    landed = {row[0] for row in db.query("SELECT task_id FROM translation_tasks")}
+    assert landed == set(accepted)
+    assert post_tasks(client, task(sid)).status_code == 200  # room again
 
 
 def test_every_refusal_is_counted_by_reason(app_factory: Callable[..., Flask]) -> None:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from flask import Flask
 
 from persistence import create_app
-from tests.conftest import MysqlServer, make_settings
+from tests.conftest import Database, MysqlServer, make_settings
+from tests.factories import new_session_id, session, task
 
+SESSIONS = "/api/v1/persistence/sessions/batch"
+TASKS = "/api/v1/persistence/tasks/batch"
+FLUSH = "/api/v1/persistence/flush"
 TABLES = {"translation_sessions", "translation_tasks", "persistence_dead_letters"}
 
 
@@ -67,3 +73,68 @@ def test_init_db_reports_an_unreachable_database_in_one_message(tmp_path: Path) 
     result = app.test_cli_runner().invoke(args=["init-db"])
     assert result.exit_code == 1
     assert "could not create the tables in sqlite file" in result.output
+
+
+def test_dead_letters_list_and_replay_safely_twice(
+    app_factory: Callable[..., Flask], db: Database
+) -> None:
+    app = app_factory(buffer={"flush_interval": 3600, "orphan_task_timeout": 0})
+    client = app.test_client()
+    runner = app.test_cli_runner()
+    sid = new_session_id()
+    client.post(TASKS, json={"tasks": [task(sid, task_id="orphan-1", status="pending")]})
+    client.post(FLUSH)
+
+    listed = runner.invoke(args=["dead-letters", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "orphan-1" in listed.output
+    assert "was not found in the database" in listed.output
+
+    kept = runner.invoke(args=["dead-letters", "replay"])
+    assert "kept task orphan-1" in kept.output
+    assert "0 replayed, 1 kept." in kept.output
+
+    client.post(SESSIONS, json={"sessions": [session(session_id=sid)]})
+    # A newer update of the same task arrives before the replay: the replay must not undo it.
+    client.post(TASKS, json={"tasks": [task(sid, task_id="orphan-1", status="completed")]})
+    client.post(FLUSH)
+    replayed = runner.invoke(args=["dead-letters", "replay"])
+    assert "1 replayed, 0 kept." in replayed.output, replayed.output
+    assert db.count("persistence_dead_letters") == 0
+    assert db.query("SELECT status FROM translation_tasks WHERE task_id = ?", "orphan-1") == [
+        ("completed",)
+    ]
+    again = runner.invoke(args=["dead-letters", "replay"])
+    assert "0 replayed, 0 kept." in again.output
+    assert runner.invoke(args=["dead-letters", "list"]).output.strip() == "No dead letters."
+
+
+def test_replay_writes_a_refused_row_once_the_database_accepts_it(
+    app_factory: Callable[..., Flask], db: Database
+) -> None:
+    app = app_factory(buffer={"flush_interval": 3600})
+    client = app.test_client()
+    sid = new_session_id()
+    client.post(SESSIONS, json={"sessions": [session(session_id=sid)]})
+    if db.driver == "sqlite":
+        db.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks "
+            "WHEN NEW.source_text = 'poison' BEGIN SELECT RAISE(ABORT, 'poison row'); END"
+        )
+    else:
+        db.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks FOR EACH ROW "
+            "BEGIN IF NEW.source_text = 'poison' THEN "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison row'; END IF; END"
+        )
+    client.post(TASKS, json={"tasks": [task(sid, task_id="p", source_text="poison")]})
+    client.post(FLUSH)
+    runner = app.test_cli_runner()
+    failed = runner.invoke(args=["dead-letters", "replay", "--type", "task"])
+    assert "kept task p" in failed.output
+    assert "poison row" in failed.output
+    assert db.query("SELECT attempts FROM persistence_dead_letters") == [(2,)]
+    db.execute("DROP TRIGGER poison")
+    letter_id = db.query("SELECT id FROM persistence_dead_letters")[0][0]
+    assert "1 replayed" in runner.invoke(args=["dead-letters", "replay", str(letter_id)]).output
+    assert db.query("SELECT source_text FROM translation_tasks") == [("poison",)]

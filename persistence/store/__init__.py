@@ -28,6 +28,17 @@ from persistence.store.dialects import Dialect, dialect_for, split_statements, s
 log = logging.getLogger(__name__)
 sql_log = logging.getLogger("persistence.sql")
 
+DEAD_LETTER_COLUMNS = (
+    "id",
+    "record_type",
+    "record_key",
+    "payload",
+    "error_code",
+    "error_message",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+)
 # How many keys one existence query asks about.
 _IN_CHUNK = 500
 
@@ -171,18 +182,53 @@ class Store:
             self._run(cur.executemany, sql, rows)
             self._run(conn.commit)
 
-    def count_dead_letters(self) -> dict[str, int]:
-        """Dead letters by record type ("session", "task")."""
+    def fetch_dead_letters(
+        self, record_type: str | None = None, ids: Sequence[int] = (), limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Dead letters, oldest first, optionally of one record type or with given ids."""
+        mark = self.dialect.placeholder
+        where, params = [], []
+        if record_type:
+            where.append(f"record_type = {mark}")
+            params.append(record_type)
+        if ids:
+            where.append(f"id IN ({', '.join([mark] * len(ids))})")
+            params.extend(ids)
+        sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM persistence_dead_letters"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
         with self._connection() as conn:
             cur = conn.cursor()
-            self._run(
-                cur.execute,
-                "SELECT record_type, COUNT(*) FROM persistence_dead_letters GROUP BY record_type",
-            )
-            counts = {kind.name: 0 for kind in RECORD_TYPES}
-            counts.update({row[0]: int(row[1]) for row in self._run(cur.fetchall)})
+            self._run(cur.execute, sql, params)
+            rows = self._run(cur.fetchall)
             self._run(conn.rollback)
-        return counts
+        return [dict(zip(DEAD_LETTER_COLUMNS, row, strict=True)) for row in rows]
+
+    def remove_dead_letter(self, letter_id: int) -> None:
+        self._execute(
+            f"DELETE FROM persistence_dead_letters WHERE id = {self.dialect.placeholder}",
+            (letter_id,),
+        )
+
+    def note_dead_letter_failure(self, letter_id: int, error: StoreError) -> None:
+        """Record that replaying a dead letter failed again, and why."""
+        mark = self.dialect.placeholder
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        self._execute(
+            f"UPDATE persistence_dead_letters SET attempts = attempts + 1, error_code = {mark}, "
+            f"error_message = {mark}, last_failed_at = {mark} WHERE id = {mark}",
+            (error.code, str(error)[:60_000], now, letter_id),
+        )
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> None:
+        self._echo(sql, 1)
+        with self._connection() as conn:
+            cur = conn.cursor()
+            self._run(cur.execute, sql, params)
+            self._run(conn.commit)
 
     def probe(self, timeout: float) -> None:
         """Check the database answers a query within about ``timeout`` seconds; raise if not."""
