@@ -14,7 +14,7 @@ import requests
 
 from tests.conftest import Database
 from tests.factories import new_session_id, session, task
-from tests.gunicorn_server import API
+from tests.gunicorn_server import API, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mysql]
 
@@ -76,3 +76,35 @@ def test_kill_9_under_load_loses_no_acknowledged_record(
     recovered = restarted.get(f"{API}/stats").json()["journal"]["recovered"]
     assert recovered["records"] > 0
     assert restarted.stop() == 0
+
+
+def test_a_killed_workers_journal_is_replayed_by_its_replacement(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database, tmp_path: Path
+) -> None:
+    server = start_server(
+        **mysql_env,
+        SERVICE_WORKERS="2",
+        BUFFER_DURABILITY="journal",
+        BUFFER_JOURNAL_DIR=str(tmp_path / "journal"),
+        BUFFER_FLUSH_INTERVAL="3600",
+    )
+    assert wait_for(lambda: server.get(f"{API}/stats").json()["workers"]["count"] == 2)
+    sid = new_session_id()
+    assert server.post(f"{API}/sessions/batch", {"sessions": [session(session_id=sid)]}).ok
+    ids: list[str] = []
+    for _ in range(30):
+        batch = [task(sid) for _ in range(10)]
+        assert server.post(f"{API}/tasks/batch", {"tasks": batch}).status_code == 200
+        ids += [t["task_id"] for t in batch]
+    stats = server.get(f"{API}/stats").json()["workers"]
+    victim = next(pid for pid, held in zip(stats["pids"], stats["buffered"], strict=True) if held)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        pids = server.get(f"{API}/stats").json()["workers"]["pids"]
+        return len(pids) == 2 and victim not in pids
+
+    assert wait_for(replaced, timeout=30)
+    assert server.post(f"{API}/flush").status_code == 200
+    landed = {row[0] for row in mysql_db.query("SELECT task_id FROM translation_tasks")}
+    assert landed == set(ids)
