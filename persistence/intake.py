@@ -6,13 +6,17 @@ Knows nothing of Flask: it takes the decoded JSON body and raises
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from marshmallow import Schema, ValidationError
 
 from persistence.errors import BadRequest, InvalidRecords
+from persistence.fastpath import Loader
 from persistence.records import Record, RecordType
+
+log = logging.getLogger(__name__)
 
 # How many invalid records a 422 lists; the count in `detail` is always complete.
 MAX_ERRORS_LISTED = 100
@@ -33,8 +37,13 @@ def validate_batch(
     body: Any,
     schema: Schema,
     max_batch_size: int,
+    loader: Loader | None = None,
 ) -> list[Record]:
-    """The records of a ``{"<kind.plural>": [...]}`` body, or an error naming what is wrong."""
+    """The records of a ``{"<kind.plural>": [...]}`` body, or an error naming what is wrong.
+
+    ``loader`` is the schema compiled by :func:`persistence.fastpath.compile_loader`:
+    it loads valid batches; marshmallow runs when it refuses, to report the errors.
+    """
     name = kind.plural
     if not isinstance(body, dict):
         raise BadRequest(
@@ -54,8 +63,12 @@ def validate_batch(
                 {"index": None, "field": name, "message": f"Longer than {max_batch_size} records."}
             ],
         )
+    if loader is not None:
+        records = loader(items)
+        if records is not None:
+            return records
     try:
-        return schema.load(items)
+        records = schema.load(items)
     except ValidationError as exc:
         errors = describe_errors(kind, items, exc.messages)
         invalid = len({error["index"] for error in errors})
@@ -64,6 +77,9 @@ def validate_batch(
             errors=errors[:MAX_ERRORS_LISTED],
             error_count=len(errors),
         ) from None
+    if loader is not None:
+        log.error("the compiled %s loader refused a batch that the schema accepts", kind.name)
+    return records
 
 
 def describe_errors(kind: RecordType, items: list[Any], messages: Any) -> list[dict[str, Any]]:

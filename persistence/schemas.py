@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, fields, validate
@@ -25,7 +25,7 @@ TEXT_MAX_BYTES = 65_535
 JSON_MAX_DEPTH = 100
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7)
-_UUID_TEXT = re.compile(
+UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
 
@@ -87,7 +87,7 @@ class UuidText(fields.String):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         # uuid.UUID() alone would accept braces, a sign, underscores or misplaced hyphens.
-        if not _UUID_TEXT.fullmatch(text):
+        if not UUID_TEXT.fullmatch(text):
             raise self.make_error("invalid_uuid")
         return text.lower()
 
@@ -135,16 +135,25 @@ class UtcTimestamp(fields.DateTime):
         super().__init__(format="iso", **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        moment = super()._deserialize(value, attr, data, **kwargs)
-        if moment.tzinfo is not None:
-            try:
-                moment = moment.astimezone(UTC).replace(tzinfo=None)
-            except OverflowError:  # before year 1 or after 9999 in UTC
-                raise self.make_error("range") from None
-        moment = moment.replace(microsecond=0)
-        if not TIMESTAMP_MIN <= moment <= TIMESTAMP_MAX:
+        text = utc_text(super()._deserialize(value, attr, data, **kwargs))
+        if text is None:
             raise self.make_error("range")
-        return moment.strftime("%Y-%m-%d %H:%M:%S")
+        return text
+
+
+def utc_text(moment: datetime) -> str | None:
+    """``moment`` as UTC ``YYYY-MM-DD HH:MM:SS``, or None outside the TIMESTAMP range."""
+    offset = moment.utcoffset()
+    if offset is not None:
+        try:
+            moment = (moment - offset).replace(tzinfo=None)
+        except OverflowError:  # before year 1 or after 9999 in UTC
+            return None
+    if moment.microsecond:
+        moment = moment.replace(microsecond=0)
+    if not TIMESTAMP_MIN <= moment <= TIMESTAMP_MAX:
+        return None
+    return moment.isoformat(" ")
 
 
 class JsonObject(fields.Dict):
@@ -154,12 +163,12 @@ class JsonObject(fields.Dict):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict:
         result = super()._deserialize(value, attr, data, **kwargs)
-        if _depth(result) > JSON_MAX_DEPTH:
+        if json_depth(result) > JSON_MAX_DEPTH:
             raise self.make_error("too_deep")
         return result
 
 
-def _depth(value: Any) -> int:
+def json_depth(value: Any) -> int:
     """Nesting depth of a JSON value, iteratively (no recursion limit to hit)."""
     deepest, stack = 0, [(value, 1)]
     while stack:

@@ -32,6 +32,7 @@ from persistence.buffer import Buffer, BufferFull
 from persistence.config import Settings, describe
 from persistence.control import ControlServer, ask_peers
 from persistence.errors import ApiError, ServiceUnavailable
+from persistence.fastpath import compile_loader
 from persistence.flusher import Flusher, FlushFailed, iso, utc_now
 from persistence.health import HealthMonitor
 from persistence.intake import validate_batch
@@ -72,6 +73,7 @@ class PersistenceService:
             SESSIONS.name: build_session_schema(settings.validation.session_statuses),
             TASKS.name: build_task_schema(settings.validation.task_statuses),
         }
+        self.loaders = {name: compile_loader(schema) for name, schema in self.schemas.items()}
         self.scheduler: BackgroundScheduler | None = None
         self.control: ControlServer | None = None
         self.recovery: RecoveryReport | None = None
@@ -192,7 +194,11 @@ class PersistenceService:
         """Validate a batch body and buffer its records, all or none; return the count."""
         try:
             records = validate_batch(
-                kind, body, self.schemas[kind.name], self.settings.buffer.max_batch_size
+                kind,
+                body,
+                self.schemas[kind.name],
+                self.settings.buffer.max_batch_size,
+                self.loaders[kind.name],
             )
         except ApiError as exc:
             self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)
