@@ -6,13 +6,15 @@ line (``-b``, ``--threads`` ...) still win over the values set here.
 The scheduler, the connection pool, the journal and the control socket are
 started in each worker after the fork (``post_worker_init``), never in the
 master, and stopped in ``worker_exit``, which runs on SIGTERM, SIGINT and
-SIGQUIT: it stops the scheduler, writes everything buffered and closes the
-pool. With several workers, each has its own buffer; the control sockets let
-any of them answer ``POST /flush`` and ``/stats`` for all (docs/ARCHITECTURE.md).
+SIGQUIT (all three are graceful here): it stops the scheduler, writes
+everything buffered and closes the pool. With several workers, each has its
+own buffer; the control sockets let any of them answer ``POST /flush`` and
+``/stats`` for all (docs/ARCHITECTURE.md).
 """
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +48,12 @@ def post_worker_init(worker):
     service = worker.wsgi.extensions["persistence"]
     service.start(control_dir=_control_dir(worker.ppid))
     worker.persistence_service = (os.getpid(), service)
+    # gthread's quick exit on SIGINT/SIGQUIT raises SystemExit at an arbitrary point of
+    # the main loop and can deadlock it, losing the buffer when the master kills the
+    # worker. Treat them like SIGTERM: finish the requests, then worker_exit flushes.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, worker.handle_exit)
+        signal.siginterrupt(sig, False)
 
 
 def worker_exit(server, worker):

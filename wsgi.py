@@ -4,9 +4,15 @@
 started, for trying the service out; use gunicorn in production.
 """
 
-from persistence import create_app
+import sys
 
-app = create_app()
+from persistence import create_app
+from persistence.config import ConfigError
+
+try:
+    app = create_app()
+except ConfigError as exc:
+    sys.exit(f"config error: {exc}")
 
 if __name__ == "__main__":
     service = app.extensions["persistence"]

@@ -32,8 +32,11 @@ def create_app(config: Settings | Mapping[str, Mapping[str, Any]] | None = None)
 
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
-    # Werkzeug enforces this also on bodies sent without Content-Length.
-    app.config["MAX_CONTENT_LENGTH"] = settings.service.max_request_bytes
+    # One byte more than allowed: the ingest blueprint reads a chunked body that far,
+    # which tells a body over the limit (413) from one exactly at it.
+    app.config["MAX_CONTENT_LENGTH"] = settings.service.max_request_bytes + 1
+    # OPTIONS answers 405 in JSON like any other method the API does not serve.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["persistence"] = PersistenceService(settings)
     errors.register_error_handlers(app)
     register_blueprints(app)

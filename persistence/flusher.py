@@ -39,7 +39,7 @@ from datetime import UTC, date, datetime
 
 from persistence.buffer import Batch, Buffer
 from persistence.config import BufferSettings
-from persistence.records import SESSIONS, TASKS, Record, RecordType
+from persistence.records import ORDER_COLUMN, SESSIONS, TASKS, Record, RecordType
 from persistence.store import DeadLetter, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,22 @@ class FlushStats:
         self.tasks_written = 0
         self.dead_lettered = {SESSIONS.name: 0, TASKS.name: 0}
         self.dead_letter_reasons: Counter[str] = Counter()
-        self._today: date = self.started_at.date()
-        self.flush_count_today = 0
+        self._day: date = self.started_at.date()
+        self._flushes_that_day = 0
 
     def record_success(self, result: FlushResult, at: datetime) -> None:
-        if at.date() != self._today:
-            self._today, self.flush_count_today = at.date(), 0
+        if at.date() != self._day:
+            self._day, self._flushes_that_day = at.date(), 0
         self.flush_count += 1
-        self.flush_count_today += 1
+        self._flushes_that_day += 1
         self.total_duration_ms += result.duration_ms
         self.sessions_written += result.sessions_written
         self.tasks_written += result.tasks_written
         self.last_flush_time = at
+
+    def flushes_today(self, now: datetime) -> int:
+        """Successful flushes since midnight UTC of ``now``."""
+        return self._flushes_that_day if now.date() == self._day else 0
 
     def record_failure(self, error: str, at: datetime) -> None:
         self.failed_flush_count += 1
@@ -108,12 +112,14 @@ class Flusher:
         store: Store,
         settings: BufferSettings,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.buffer = buffer
         self.store = store
         self.settings = settings
         self.stats = FlushStats()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._flush_lock = threading.Lock()
         self._failures_in_a_row = 0
         self._retry_at = 0.0
@@ -169,75 +175,51 @@ class Flusher:
         try:
             sessions_written = self._write_rows(SESSIONS, list(sessions.values()), refused_sessions)
             written_ids = set(sessions) - {d.record[SESSIONS.key] for d in refused_sessions}
-            ready, waiting, expired = self._sort_tasks(
-                tasks, written_ids, batch.waiting_since, final
-            )
+            ready, waiting, expired = self._sort_tasks(tasks, written_ids, final)
         except StoreError:
             self.buffer.restore(SESSIONS, sessions)
-            self.buffer.restore(TASKS, tasks, batch.waiting_since)
+            self.buffer.restore(TASKS, tasks)
             raise
         self._dead_letter(refused_sessions)
 
         refused_tasks: list[DeadLetter] = []
-        waiting_since = {key: batch.waiting_since[key] for key in waiting}
         try:
             tasks_written = self._write_rows(TASKS, ready, refused_tasks)
         except StoreError:
             self.buffer.restore(TASKS, {task[TASKS.key]: task for task in ready})
-            self.buffer.restore(TASKS, waiting, waiting_since)
+            self.buffer.restore(TASKS, waiting, waiting=True)
             self._dead_letter(expired)
             raise
-        self.buffer.restore(TASKS, waiting, waiting_since)
+        self.buffer.restore(TASKS, waiting, waiting=True)
         self._dead_letter(expired + refused_tasks)
         dead = len(refused_sessions) + len(expired) + len(refused_tasks)
         return FlushResult(sessions_written, tasks_written, dead, len(waiting), _ms_since(started))
 
     def _sort_tasks(
-        self,
-        tasks: dict[str, Record],
-        sessions_written: set[str],
-        waiting_since: dict[str, float],
-        final: bool,
+        self, tasks: dict[str, Record], sessions_written: set[str], final: bool
     ) -> tuple[list[Record], dict[str, Record], list[DeadLetter]]:
-        """Split tasks into ready (session in the database), still waiting, and expired."""
+        """Split tasks into ready (session in the database), still waiting, and expired.
+
+        A task's wait is counted from its arrival stamp, a wall-clock time, so it
+        survives restarts in journal mode.
+        """
         timeout = self.settings.orphan_task_timeout
         unknown = {t["session_id"] for t in tasks.values()} - sessions_written
         known = sessions_written | self.store.existing_sessions(unknown)
         ready: list[Record] = []
         waiting: dict[str, Record] = {}
         expired: list[DeadLetter] = []
-        now = self._clock()
+        now_us = self._wall_clock() * 1_000_000
         for key, task in tasks.items():
-            if task["session_id"] in known:
+            sid = task["session_id"]
+            if sid in known:
                 ready.append(task)
-                continue
-            since = waiting_since.setdefault(key, now)
-            if final:
-                expired.append(
-                    DeadLetter(
-                        TASKS,
-                        task,
-                        None,
-                        (
-                            f"the service stopped while the task waited for session "
-                            f"{task['session_id']}, which was not in the database"
-                        ),
-                        "shutdown",
-                    )
-                )
-            elif now - since >= timeout:
-                expired.append(
-                    DeadLetter(
-                        TASKS,
-                        task,
-                        None,
-                        (
-                            f"session {task['session_id']} was not found in the database "
-                            f"within {timeout:g} s"
-                        ),
-                        "session_not_found",
-                    )
-                )
+            elif final:
+                reason = f"the service stopped while the task waited for session {sid}"
+                expired.append(DeadLetter(TASKS, task, None, reason, "shutdown"))
+            elif now_us - task[ORDER_COLUMN] >= timeout * 1_000_000:
+                reason = f"session {sid} was not found in the database within {timeout:g} s"
+                expired.append(DeadLetter(TASKS, task, None, reason, "session_not_found"))
             else:
                 waiting[key] = task
         return ready, waiting, expired

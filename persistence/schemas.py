@@ -3,7 +3,8 @@
 The limits follow the columns of the tables (docs/DATA_MODELS.md), counted the
 way MySQL counts them: VARCHAR(n) holds n characters, TEXT holds 65,535 bytes of
 UTF-8, INT holds up to 2,147,483,647, TIMESTAMP holds 1970-01-01 00:00:01 to
-2038-01-19 03:14:07 UTC. What these schemas accept can therefore be written.
+2038-01-19 03:14:07 UTC, and JSON nests at most 31 levels (MariaDB's limit).
+What these schemas accept can therefore be written.
 
 Loaded records are plain dicts holding exactly the columns of their table
 (unknown fields are dropped), with defaults filled in and date-times
@@ -22,7 +23,8 @@ from marshmallow import EXCLUDE, Schema, fields, validate
 
 INT_MAX = 2_147_483_647
 TEXT_MAX_BYTES = 65_535
-JSON_MAX_DEPTH = 100
+# MySQL's JSON type holds 100 levels; MariaDB's JSON_VALID check refuses 32 and more.
+JSON_MAX_DEPTH = 31
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7)
 UUID_TEXT = re.compile(
@@ -157,7 +159,7 @@ def utc_text(moment: datetime) -> str | None:
 
 
 class JsonObject(fields.Dict):
-    """A JSON object that MySQL's JSON type accepts (at most 100 levels deep)."""
+    """A JSON object that MySQL's and MariaDB's JSON columns accept (31 levels at most)."""
 
     default_error_messages = {"too_deep": f"Nested deeper than {JSON_MAX_DEPTH} levels."}
 

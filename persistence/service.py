@@ -99,15 +99,13 @@ class PersistenceService:
         )
         if self.settings.buffer.durability == "journal":
             self._open_journal()
-        if self.settings.database.create_tables:
-            try:
-                self.store.create_schema()
-            except StoreError as exc:
-                # Keep serving: records are buffered and written once the database is back.
-                log.error(
-                    "could not create the tables at start (%s); the first flush will try again", exc
-                )
-                self.store.schema_pending = True
+        try:
+            self.store.prepare()
+        except StoreError as exc:
+            # Keep serving: records are buffered and written once the database is back.
+            log.error(
+                "could not prepare the tables at start (%s); the first flush will try again", exc
+            )
         self.scheduler = build_scheduler(
             self.flusher.flush_if_due,
             self.settings.buffer.flush_interval,
@@ -141,27 +139,33 @@ class PersistenceService:
                 result.tasks_written,
             )
         except FlushFailed as exc:
-            counts = self.buffer.counts()
-            if journal is not None:
-                log.error(
-                    "shutdown flush failed (%s): %d sessions and %d tasks stay in the "
-                    "journal for the next start",
-                    exc,
-                    counts["sessions"],
-                    counts["tasks"],
-                )
-            else:
-                log.error(
-                    "shutdown flush failed (%s): %d sessions and %d tasks are LOST; first ids: %s",
-                    exc,
-                    counts["sessions"],
-                    counts["tasks"],
-                    self.buffer.sample_keys(LOST_IDS_LOGGED),
-                )
+            log.error("shutdown flush failed: %s", exc)
+        try:
+            self._report_leftovers(journal is not None)
         finally:
             if journal is not None:
                 journal.close()
             self.store.close()
+
+    def _report_leftovers(self, journaled: bool) -> None:
+        """Say what the shutdown flush could not write (e.g. the database is down)."""
+        counts = self.buffer.counts()
+        if not counts["sessions"] + counts["tasks"]:
+            return
+        if journaled:
+            log.error(
+                "%d sessions and %d tasks could not be written; they stay in the "
+                "journal for the next start",
+                counts["sessions"],
+                counts["tasks"],
+            )
+        else:
+            log.error(
+                "%d sessions and %d tasks could not be written and are LOST; first ids: %s",
+                counts["sessions"],
+                counts["tasks"],
+                self.buffer.sample_keys(LOST_IDS_LOGGED),
+            )
 
     def _open_journal(self) -> None:
         journal = Journal(self.settings.buffer.journal_dir)
@@ -340,7 +344,7 @@ class PersistenceService:
             "flush_info": {
                 "last_flush_time": iso(flush.last_flush_time),
                 "next_flush_time": iso(next_run_time(self.scheduler, FLUSH_JOB)),
-                "flush_count_today": flush.flush_count_today,
+                "flush_count_today": flush.flushes_today(utc_now()),
                 "average_flush_duration_ms": (
                     round(flush.total_duration_ms / flush.flush_count, 3)
                     if flush.flush_count

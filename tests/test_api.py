@@ -571,3 +571,36 @@ def test_every_refusal_is_counted_by_reason(app_factory: Callable[..., Flask]) -
     assert refused["too_large"] == {"batches": 1, "records": 0}
     assert refused["invalid"] == {"batches": 1, "records": 2}
     assert refused["buffer_full"] == {"batches": 0, "records": 0}
+
+
+def test_the_deepest_json_accepted_is_written(client: FlaskClient, db: Database) -> None:
+    deepest: dict[str, Any] = {"leaf": [1]}
+    for _ in range(29):
+        deepest = {"k": deepest}  # 31 levels with the innermost list
+    sid = new_session_id()
+    assert post_sessions(client, session(session_id=sid, game_info=deepest)).status_code == 200
+    too_deep = {"k": deepest}
+    assert post_sessions(client, session(game_info=too_deep)).status_code == 422
+    assert flush(client)["dead_lettered"] == 0
+    assert db.count("translation_sessions") == 1
+
+
+def test_tables_from_before_arrival_stamps_get_the_column_even_without_create_tables(
+    app_factory: Callable[..., Flask], db: Database
+) -> None:
+    from persistence.store.dialects import split_statements, sql_file
+
+    for table in ("persistence_dead_letters", "translation_tasks", "translation_sessions"):
+        db.execute(f"DROP TABLE IF EXISTS {table}")
+    ddl = sql_file("sqlite.sql" if db.driver == "sqlite" else "mysql.sql")
+    for statement in split_statements(ddl):
+        old = "\n".join(line for line in statement.splitlines() if "ingest_seq" not in line)
+        db.execute(old)
+    client = app_factory(
+        database={"create_tables": False}, buffer={"flush_interval": 3600}
+    ).test_client()
+    sid = new_session_id()
+    post_sessions(client, session(session_id=sid))
+    post_tasks(client, task(sid))
+    assert flush(client)["tasks_written"] == 1
+    assert db.query("SELECT ingest_seq > 0 FROM translation_tasks") == [(1,)]

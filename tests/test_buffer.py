@@ -1,13 +1,16 @@
-"""The buffer alone: stamps, coalescing, hard limits, drain/restore/finish, threads."""
+"""The buffer alone (stamps, coalescing, limits, drain/restore/finish, threads); flush stats."""
 
 from __future__ import annotations
 
 import threading
+import tracemalloc
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
 from persistence.buffer import Buffer, BufferFull
+from persistence.flusher import FlushResult, FlushStats
 from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
 from tests.factories import new_session_id, session, task
 
@@ -157,10 +160,27 @@ def test_waiting_tasks_do_not_count_towards_the_flush_trigger() -> None:
     sid = new_session_id()
     buffer.add(TASKS, [task(sid, task_id="w")])
     drained = buffer.drain()
-    buffer.restore(TASKS, drained.of(TASKS), {"w": 12.5})
+    buffer.restore(TASKS, drained.of(TASKS), waiting=True)
     assert buffer.counts()["waiting"] == 1
     assert buffer.add(TASKS, [task(sid, task_id="x")]) == 1
-    assert buffer.drain().waiting_since == {"w": 12.5}
+    assert buffer.drain().waiting == {"w"}
+
+
+def test_a_buffered_record_costs_about_its_encoded_size() -> None:
+    """Not the encoder's working buffer (orjson's bytes keep ~8 KiB unless copied)."""
+    buffer = make_buffer()
+    sid = new_session_id()
+    batches = [[task(sid) for _ in range(100)] for _ in range(20)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in batches:
+            buffer.add(TASKS, batch)
+        per_record = (tracemalloc.get_traced_memory()[0] - before) / 2000
+    finally:
+        tracemalloc.stop()
+    encoded = buffer.counts()["bytes"] / 2000
+    assert per_record < encoded + 400, (per_record, encoded)
 
 
 def test_concurrent_writers_lose_no_update() -> None:
@@ -186,3 +206,13 @@ def test_concurrent_writers_lose_no_update() -> None:
     assert all(t["retry_count"] == per_thread - 50 + int(k.split("-")[1]) for k, t in tasks.items())
     assert batch.of(SESSIONS)[sid]["completed_tasks"] == 8 * per_thread - 1
     assert buffer.received() == {"sessions": 8 * per_thread, "tasks": 8 * per_thread}
+
+
+def test_flushes_today_start_again_at_midnight_utc() -> None:
+    stats = FlushStats()
+    day = datetime(2026, 5, 1, 23, 59, tzinfo=UTC)
+    stats.record_success(FlushResult(1, 1, 0, 0, 2.0), day)
+    assert stats.flushes_today(day) == 1
+    assert stats.flushes_today(day + timedelta(minutes=2)) == 0  # before any flush that day
+    stats.record_success(FlushResult(1, 1, 0, 0, 2.0), day + timedelta(minutes=3))
+    assert stats.flushes_today(day + timedelta(minutes=4)) == 1

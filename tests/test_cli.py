@@ -138,3 +138,30 @@ def test_replay_writes_a_refused_row_once_the_database_accepts_it(
     letter_id = db.query("SELECT id FROM persistence_dead_letters")[0][0]
     assert "1 replayed" in runner.invoke(args=["dead-letters", "replay", str(letter_id)]).output
     assert db.query("SELECT source_text FROM translation_tasks") == [("poison",)]
+
+
+def test_a_bad_setting_stops_the_cli_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.gunicorn_server import REPO, service_env
+
+    env = service_env(tmp_path, BUFFER_FLUSH_INTERVAL="soon")
+    env.pop("FLASK_APP", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "init-db"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "config error: buffer.flush_interval = 'soon' (from BUFFER_FLUSH_INTERVAL): "
+        "must be a number"
+    ], result.stderr
+    assert os.listdir(tmp_path) == []  # nothing was created

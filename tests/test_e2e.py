@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -31,7 +32,9 @@ def post_load(server: Server, batches: int = 5, size: int = 100) -> tuple[str, l
 
 
 @pytest.mark.mysql
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], ids=["SIGTERM", "SIGINT", "SIGQUIT"]
+)
 def test_stopping_gunicorn_writes_everything_buffered(
     start_server: Any, mysql_env: dict[str, str], mysql_db: Database, sig: int
 ) -> None:
@@ -159,3 +162,37 @@ def test_a_bad_setting_stops_the_start_with_one_line(
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_a_chunked_body_over_the_limit_gets_413_not_a_cut(start_server: Any) -> None:
+    server = start_server(SERVICE_MAX_REQUEST_BYTES="2048")
+    sid = new_session_id()
+    body = json.dumps({"tasks": [task(sid, source_text="x" * 4000)]}).encode()
+
+    def chunks() -> Any:
+        for start in range(0, len(body), 500):
+            yield body[start : start + 500]
+
+    response = requests.post(
+        f"{server.url}{API}/tasks/batch",
+        data=chunks(),
+        timeout=5,
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 413, response.text
+    assert "2048" in response.json()["detail"]
+    small = json.dumps({"tasks": [task(sid)]}).encode()
+    response = requests.post(
+        f"{server.url}{API}/tasks/batch",
+        data=iter([small]),
+        timeout=5,
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_options_answers_json_405(start_server: Any) -> None:
+    response = requests.options(f"{start_server().url}{API}/tasks/batch", timeout=5)
+    assert response.status_code == 405
+    assert response.headers["Content-Type"] == "application/json"
+    assert "POST" in response.headers["Allow"]

@@ -82,7 +82,7 @@ interesting = {
             "now",
         ]
     ),
-    "game_info": st.sampled_from([{}, {"a": [1, {"b": None}]}, deep(100), deep(101), [], "x"]),
+    "game_info": st.sampled_from([{}, {"a": [1, {"b": None}]}, deep(31), deep(32), [], "x"]),
 }
 interesting["end_time"] = interesting["start_time"]
 interesting["metadata"] = interesting["game_info"]

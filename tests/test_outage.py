@@ -179,7 +179,7 @@ def test_memory_mode_names_what_is_lost_when_the_database_is_down_at_shutdown(
     proxy.set_mode("cut")
     service.stop()
     [line] = [line for line in service_log.lines if "LOST" in line]
-    assert "0 sessions and 3 tasks are LOST" in line
+    assert "0 sessions and 3 tasks could not be written and are LOST" in line
     assert all(t["task_id"] in line for t in tasks)
 
 

@@ -501,10 +501,10 @@ def test_json_fields_accept_objects_and_null(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize("field", JSON_FIELDS)
 @pytest.mark.parametrize("via_list", [False, True])
-def test_json_nesting_of_100_levels_is_accepted_and_101_refused(field: str, via_list: bool) -> None:
-    deepest_allowed = nested(100, via_list)
+def test_json_nesting_of_31_levels_is_accepted_and_32_refused(field: str, via_list: bool) -> None:
+    deepest_allowed = nested(31, via_list)
     assert load("session", session(**{field: deepest_allowed}))[field] == deepest_allowed
-    assert refused_on("session", field, nested(101, via_list)) == ["Nested deeper than 100 levels."]
+    assert refused_on("session", field, nested(32, via_list)) == ["Nested deeper than 31 levels."]
 
 
 def test_nested_helper_counts_containers() -> None:

@@ -47,4 +47,12 @@ def _json_body() -> bytes:
             f"Request body is {request.content_length} bytes; the limit is {limit} bytes "
             "(service.max_request_bytes). Send smaller batches."
         )
-    return request.get_data(cache=False)
+    # A body sent without Content-Length (chunked) is read up to one byte past the limit
+    # (MAX_CONTENT_LENGTH, see create_app), so that a longer one is seen, not cut.
+    data = request.get_data(cache=False)
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"Request body is larger than the limit of {limit} bytes "
+            "(service.max_request_bytes). Send smaller batches."
+        )
+    return data

@@ -77,8 +77,8 @@ class Store:
         self._pool: PooledDB | None = None
         self._pool_born = 0.0
         self._pool_lock = threading.Lock()
-        # Set when creating the tables at start failed: the next write tries again.
-        self.schema_pending = False
+        # Set by prepare(); until then every write calls it first.
+        self._prepared = False
         self._upsert_sql = {kind.name: self.dialect.upsert_sql(kind) for kind in RECORD_TYPES}
         self._to_row = {kind.name: self.dialect.row_converter(kind) for kind in RECORD_TYPES}
 
@@ -99,6 +99,15 @@ class Store:
         self._add_order_column()
         if self.driver == "sqlite":
             self._enable_wal()
+
+    def prepare(self) -> None:
+        """Get the tables ready for writing: create them (``database.create_tables``), or
+        at least add the ``ingest_seq`` column that tables from older versions lack."""
+        if self.settings.create_tables:
+            self.create_schema()
+        else:
+            self._add_order_column()
+        self._prepared = True
 
     def _add_order_column(self) -> None:
         """Add ``ingest_seq`` to tables created before it existed."""
@@ -123,7 +132,8 @@ class Store:
         """Write ``records`` (one per key) in one ``executemany`` and one commit."""
         if not records:
             return
-        self._ensure_schema()
+        if not self._prepared:
+            self.prepare()
         to_row = self._to_row[kind.name]
         rows = [to_row(record) for record in records]
         sql = self._upsert_sql[kind.name]
@@ -142,7 +152,8 @@ class Store:
         found: set[str] = set()
         if not wanted:
             return found
-        self._ensure_schema()
+        if not self._prepared:
+            self.prepare()
         with self._connection() as conn:
             cur = conn.cursor()
             for start in range(0, len(wanted), _IN_CHUNK):
@@ -161,7 +172,8 @@ class Store:
         """Record ``letters`` in persistence_dead_letters (one row per record key)."""
         if not letters:
             return
-        self._ensure_schema()
+        if not self._prepared:
+            self.prepare()
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
         rows = [
             (
@@ -249,12 +261,6 @@ class Store:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
-
-    def _ensure_schema(self) -> None:
-        if self.schema_pending:
-            self.create_schema()
-            self.schema_pending = False
-            log.info("tables created")
 
     def _connection(self) -> Any:
         """A pooled connection (use with ``with``), recycling the pool when it is too old."""
