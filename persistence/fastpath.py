@@ -16,7 +16,6 @@ rule cannot silently escape the fast path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from marshmallow import Schema, fields, validate
@@ -33,8 +32,7 @@ def compile_loader(schema: Schema) -> Loader:
     namespace: dict[str, Any] = {
         "MISSING": _MISSING,
         "UUID_MATCH": schemas.UUID_TEXT.fullmatch,
-        "fromisoformat": datetime.fromisoformat,
-        "utc_text": schemas.utc_text,
+        "iso_to_utc_text": schemas.iso_to_utc_text,
         "json_depth": schemas.json_depth,
         "JSON_MAX_DEPTH": schemas.JSON_MAX_DEPTH,
     }
@@ -111,7 +109,7 @@ def _check_code(name: str, field: fields.Field, namespace: dict[str, Any]) -> li
             "if type(v) is not str:",
             "    return None",
             "try:",
-            "    v = utc_text(fromisoformat(v))",
+            "    v = iso_to_utc_text(v)",
             "except ValueError:",
             "    return None",
             "if v is None:",
@@ -168,10 +166,12 @@ def _text_code(field: schemas.Text) -> list[str]:
             "    except UnicodeEncodeError:",
             "        return None",
         ]
+    # Same tests as Text's, without building stripped copies: blank means empty or
+    # all whitespace; surrounding whitespace shows in the first or last character.
     if not field.blank:
-        code += ["if not v.strip():", "    return None"]
+        code += ["if not v or v.isspace():", "    return None"]
     if field.identifier:
-        code += ["if v != v.strip():", "    return None"]
+        code += ["if v and (v[0].isspace() or v[-1].isspace()):", "    return None"]
     if field.max_chars is not None:
         code += [f"if len(v) > {field.max_chars}:", "    return None"]
     return code

@@ -137,10 +137,42 @@ class UtcTimestamp(fields.DateTime):
         super().__init__(format="iso", **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        text = utc_text(super()._deserialize(value, attr, data, **kwargs))
+        if not isinstance(value, str):
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE)
+        try:
+            text = iso_to_utc_text(value)
+        except ValueError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
         if text is None:
             raise self.make_error("range")
         return text
+
+
+_UTC_SUFFIXES = ("", "Z", "+00:00")
+_TEXT_MIN = TIMESTAMP_MIN.isoformat(" ")
+_TEXT_MAX = TIMESTAMP_MAX.isoformat(" ")
+
+
+def iso_to_utc_text(value: str) -> str | None:
+    """An ISO-8601 date-time as UTC ``YYYY-MM-DD HH:MM:SS``; None outside the TIMESTAMP range.
+
+    Raises ValueError when ``value`` is not a date-time ``datetime.fromisoformat``
+    reads. The common ``YYYY-MM-DDTHH:MM:SS`` form (bare, ``Z`` or ``+00:00``) is
+    answered by slicing once it has parsed, which is several times faster.
+    """
+    moment = datetime.fromisoformat(value)
+    if (
+        value[19:] in _UTC_SUFFIXES
+        and len(value) >= 19
+        and value[10] in "T "
+        and value[13] == ":"
+        and value[16] == ":"
+        and value[4] == "-"
+        and value[7] == "-"
+    ):
+        text = f"{value[:10]} {value[11:19]}"
+        return text if _TEXT_MIN <= text <= _TEXT_MAX else None
+    return utc_text(moment)
 
 
 def utc_text(moment: datetime) -> str | None:
