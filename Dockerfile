@@ -25,7 +25,7 @@ COPY --from=builder /opt/venv /opt/venv
 COPY persistence/ ./persistence/
 COPY schedules/ ./schedules/
 COPY wsgi.py gunicorn.conf.py config.yaml ./
-# The only places the service writes: the SQLite database and the log file.
+# The only places the service writes: data/ (SQLite file, journal) and logs/.
 RUN mkdir -p data logs && chown persistence:persistence data logs
 USER persistence
 EXPOSE 8001

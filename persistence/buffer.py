@@ -174,7 +174,12 @@ class Buffer:
             checkpoint = self.journal is not None and not self._journal_behind
             self._journal_behind = False
         if checkpoint:
-            self.journal.checkpoint(batch.segment)
+            try:
+                self.journal.checkpoint(batch.segment)
+            except OSError as exc:
+                # The old segments stay; their records are written, so a replay only
+                # writes them again.
+                log.error("journal checkpoint failed (%s); older segments are kept", exc)
 
     def replay(self, entry: Entry) -> None:
         """Apply one journal entry at start (no limits, no journal write)."""

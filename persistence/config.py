@@ -6,7 +6,7 @@ explicitly. Nothing else in the package reads the environment.
 A bad value raises :class:`ConfigError` whose message is one line naming the
 key, the value and what is allowed, e.g.::
 
-    buffer.flush_interval = 'soon' (from BUFFER_FLUSH_INTERVAL): must be a number > 0
+    buffer.flush_interval = 'soon' (from BUFFER_FLUSH_INTERVAL): must be a number
 """
 
 from __future__ import annotations

@@ -146,7 +146,11 @@ class Flusher:
         """
         with self._flush_lock:
             started = time.perf_counter()
-            batch = self.buffer.drain()
+            try:
+                batch = self.buffer.drain()
+            except OSError as exc:  # the journal could not start a new segment
+                self.stats.record_failure(f"journal: {exc}", utc_now())
+                raise FlushFailed(f"the journal could not be rotated: {exc}") from exc
             try:
                 if not len(batch):
                     return FlushResult(0, 0, 0, 0, _ms_since(started))

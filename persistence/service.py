@@ -144,7 +144,10 @@ class PersistenceService:
             self._report_leftovers(journal is not None)
         finally:
             if journal is not None:
-                journal.close()
+                try:
+                    journal.close()
+                except OSError as exc:
+                    log.error("closing the journal failed: %s", exc)
             self.store.close()
 
     def _report_leftovers(self, journaled: bool) -> None:
