@@ -27,7 +27,11 @@ format: $(BIN)/.installed
 init-db: $(BIN)/.installed  ## create the database and tables of the configured driver
 	$(BIN)/flask --app wsgi init-db
 
-bench: $(BIN)/.installed  ## run the benchmark against MariaDB (see docs/PERFORMANCE.md)
+$(BIN)/.bench-installed: $(BIN)/.installed requirements-bench.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+bench: $(BIN)/.bench-installed  ## run the benchmark against MariaDB (see docs/PERFORMANCE.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

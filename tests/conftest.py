@@ -165,6 +165,20 @@ class Database:
         finally:
             conn.close()
 
+    def add_poison_trigger(self) -> None:
+        """A trigger that refuses any task whose source_text is 'poison' ("poison row")."""
+        if self.driver == "sqlite":
+            self.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks "
+                "WHEN NEW.source_text = 'poison' BEGIN SELECT RAISE(ABORT, 'poison row'); END"
+            )
+        else:
+            self.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks FOR EACH ROW "
+                "BEGIN IF NEW.source_text = 'poison' THEN "
+                "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison row'; END IF; END"
+            )
+
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 

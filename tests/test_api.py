@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from persistence.service import PersistenceService
 from tests.conftest import Database
 from tests.factories import new_session_id, session, task
+from tests.gunicorn_server import wait_for
 
 SESSIONS_URL = "/api/v1/persistence/sessions/batch"
 TASKS_URL = "/api/v1/persistence/tasks/batch"
@@ -33,15 +34,6 @@ def flush(client: FlaskClient) -> dict[str, Any]:
     response = client.post(FLUSH_URL)
     assert response.status_code == 200, response.get_json()
     return response.get_json()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_index_names_the_service(client: FlaskClient) -> None:
@@ -301,17 +293,7 @@ def test_a_task_whose_session_never_comes_is_dead_lettered_after_the_timeout(
 def test_a_poison_row_is_dead_lettered_and_the_rest_of_the_batch_lands(
     client: FlaskClient, db: Database
 ) -> None:
-    if db.driver == "sqlite":
-        db.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks "
-            "WHEN NEW.source_text = 'poison' BEGIN SELECT RAISE(ABORT, 'poison row'); END"
-        )
-    else:
-        db.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks FOR EACH ROW "
-            "BEGIN IF NEW.source_text = 'poison' THEN "
-            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison row'; END IF; END"
-        )
+    db.add_poison_trigger()
     try:
         sid = new_session_id()
         post_sessions(client, session(session_id=sid))

@@ -36,6 +36,7 @@ MEASURED = {
         "one_connection.update_rows_per_s",
         "two_connections.insert_rows_per_s",
         "two_connections.update_rows_per_s",
+        "python_cpu_share.insert",
     ],
     "intake": [
         "runs[].tasks_per_s",
@@ -43,6 +44,7 @@ MEASURED = {
         "runs[].p99_ms",
         "runs[].ratio_to_floor",
         "runs[].server_cpu_cores",
+        "journal_runs[].tasks_per_s",
     ],
     "flush": [
         "insert.flusher_rows_per_s",

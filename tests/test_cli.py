@@ -116,17 +116,7 @@ def test_replay_writes_a_refused_row_once_the_database_accepts_it(
     client = app.test_client()
     sid = new_session_id()
     client.post(SESSIONS, json={"sessions": [session(session_id=sid)]})
-    if db.driver == "sqlite":
-        db.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks "
-            "WHEN NEW.source_text = 'poison' BEGIN SELECT RAISE(ABORT, 'poison row'); END"
-        )
-    else:
-        db.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON translation_tasks FOR EACH ROW "
-            "BEGIN IF NEW.source_text = 'poison' THEN "
-            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison row'; END IF; END"
-        )
+    db.add_poison_trigger()
     client.post(TASKS, json={"tasks": [task(sid, task_id="p", source_text="poison")]})
     client.post(FLUSH)
     runner = app.test_cli_runner()
