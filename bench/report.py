@@ -321,6 +321,19 @@ def table(results: dict[str, Any]) -> str:
             f"  RSS +{memory['rss_growth_bytes'] / 2**20:,.1f} MiB from the warmed-up baseline "
             f"= {memory['growth_per_task']:,.0f} bytes/task",
         ]
+    cpu = results.get("cpu")
+    if cpu:
+        lines += ["", "CPU per 1000 tasks in one thread, no HTTP (best of 5)"]
+        steps = [
+            ("parse JSON (orjson)", "parse_json"),
+            ("validate, compiled path", "validate_compiled"),
+            ("validate, marshmallow", "validate_marshmallow"),
+            ("Buffer.add (stamp, encode, merge)", "buffer_add"),
+            (f"read each of the {cpu['fields_per_task']} fields once", "touch_every_field"),
+        ]
+        lines += _rows(
+            ["step", "ms"], [[label, _n(cpu[f"{key}_ms_per_1000"], 2)] for label, key in steps]
+        )
     tuning = results.get("tuning")
     if tuning:
         lines += ["", "Tuning: intake with other thread and worker counts (no flush in the window)"]

@@ -18,7 +18,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import measure_db, measure_http, measure_service, measure_tuning, report, workload
+from bench import (
+    measure_cpu,
+    measure_db,
+    measure_http,
+    measure_service,
+    measure_tuning,
+    report,
+    workload,
+)
 from bench.context import QUICK, Context, Sizes
 from bench.databases import BenchDatabases, DbServer
 from bench.servers import REPO, Servers
@@ -32,6 +40,7 @@ SECTIONS = (
     "coalescing",
     "latency",
     "memory",
+    "cpu",
     "tuning",
 )
 # Run when --only is not given; "tuning" (settings compared, about 3 minutes) is opt-in.
@@ -263,6 +272,8 @@ def run_sections(ctx: Context, sections: list[str], results: dict[str, Any]) -> 
         results["latency"] = measure_service.measure_latency(ctx)
     if "memory" in sections:
         results["memory"] = measure_service.measure_memory(ctx)
+    if "cpu" in sections:
+        results["cpu"] = measure_cpu.measure_cpu(ctx)
     if "e2e" in sections:
         results["e2e"] = measure_service.measure_e2e(ctx)
     if "tuning" in sections:

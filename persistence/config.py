@@ -91,6 +91,9 @@ class ServiceSettings:
     max_request_bytes: int = _setting(
         10 * 1024 * 1024, "SERVICE_MAX_REQUEST_BYTES", _between(1024, 1024**3)
     )
+    gil_switch_interval: float = _setting(
+        0.001, "SERVICE_GIL_SWITCH_INTERVAL", _between(0.0001, 0.1)
+    )
 
 
 @dataclass(frozen=True)
