@@ -6,7 +6,8 @@ Threading contract
 jobs, a ``POST /flush`` request, the worker-exit hook). Flushes never
 overlap: ``_flush_lock`` serialises them, and a caller waits for a running
 flush to finish before starting its own, so a flush that returns has written
-everything that was buffered when it was called. The buffer's lock is only
+everything that was buffered when it was called (tasks still waiting for
+their session aside). The buffer's lock is only
 taken inside :class:`~persistence.buffer.Buffer` calls, never around I/O.
 
 What one flush does
@@ -24,6 +25,8 @@ What one flush does
 5. A row error (a value the database refuses) splits the batch in halves
    until the bad rows are isolated; the good rows are written and the bad
    ones go to ``persistence_dead_letters`` with the error.
+6. ``Buffer.finish`` ends the flush: the batch stops counting against the
+   hard limits and, in journal mode, the journal segments it came from go.
 """
 
 from __future__ import annotations
