@@ -245,8 +245,11 @@ def app_factory(tmp_path: Path, db: Database) -> Iterator[Callable[..., Flask]]:
 
 @pytest.fixture
 def app(app_factory: Callable[..., Flask]) -> Flask:
-    """An app whose scheduler never fires during a test (flushes happen when asked)."""
-    return app_factory(buffer={"flush_interval": 3600})
+    """An app whose scheduler never flushes during a test: no interval flush within the
+    test's time, no size-triggered flush below 100,000 records. Flushes happen when asked."""
+    return app_factory(
+        buffer={"flush_interval": 3600, "max_buffer_size": 100_000, "hard_limit": 200_000}
+    )
 
 
 @pytest.fixture

@@ -321,8 +321,8 @@ def test_stats_describe_buffer_flushes_and_totals(client: FlaskClient) -> None:
     assert stats["buffer"]["sessions_count"] == 1
     assert stats["buffer"]["tasks_count"] == 2  # the two updates of "a" coalesced
     assert stats["buffer"]["total_count"] == 3
-    assert stats["buffer"]["capacity"] == 1000
-    assert stats["buffer"]["usage_percent"] == pytest.approx(0.3)
+    assert stats["buffer"]["capacity"] == 100_000
+    assert stats["buffer"]["usage_percent"] == round(100 * 3 / 100_000, 2)
     flush(client)
     stats = client.get(STATS_URL).get_json()
     assert stats["buffer"]["total_count"] == 0
