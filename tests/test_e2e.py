@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,14 @@ def test_several_workers_flush_and_report_as_one_service(
 ) -> None:
     server = start_server(SERVICE_WORKERS=str(workers), BUFFER_FLUSH_INTERVAL="3600", **mysql_env)
     assert wait_for(lambda: server.get(f"{API}/stats").json()["workers"]["count"] == workers)
-    _, ids = post_load(server, batches=40, size=25)  # a new connection per batch
+    sid = new_session_id()
+    assert server.post(f"{API}/sessions/batch", {"sessions": [session(session_id=sid)]}).ok
+    batches = [[task(sid) for _ in range(25)] for _ in range(40)]
+    # Eight at a time, each on a new connection: busy workers leave the next to another.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda b: server.post(f"{API}/tasks/batch", {"tasks": b}), batches))
+    assert {response.status_code for response in codes} == {200}
+    ids = [t["task_id"] for batch in batches for t in batch]
     stats = server.get(f"{API}/stats").json()
     assert stats["workers"]["count"] == workers
     assert len(set(stats["workers"]["pids"])) == workers
