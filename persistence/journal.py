@@ -14,9 +14,11 @@ belongs to a process that died: the next process to start adopts it
 (replays it, writes what it holds into its own journal, deletes it).
 
 Frame: ``<u32 length><u32 crc32>`` then ``length`` bytes of payload:
-one byte of frame type (``B`` batch: records added in arrival order;
-``R`` restore: records put back by a flush, older than what is buffered),
-one byte of record type (``s``/``t``), then the records as a JSON array.
+one byte of frame type (``B``: a batch accepted; ``R``: records put back by a
+flush, or a snapshot at start), one byte of record type (``s``/``t``), then
+the records as a JSON array. Replay merges every frame by the records'
+arrival stamps (``ingest_seq``), so the order of frames never decides which
+update of a row wins; the type only says where a frame came from.
 Reading stops at a torn frame (the end of a segment cut by a crash) and
 skips a frame whose checksum or content is wrong; both are counted, and
 recovery never refuses to start.
