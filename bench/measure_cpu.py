@@ -20,6 +20,7 @@ import orjson
 from bench import workload
 from bench.context import Context
 from persistence.buffer import Buffer
+from persistence.durable import DurableBuffer
 from persistence.config import load_settings
 from persistence.records import TASKS
 from persistence.service import PersistenceService
@@ -48,7 +49,8 @@ def measure_cpu(ctx: Context) -> dict[str, Any]:
         empty.write_text("{}\n")
         settings = load_settings(path=empty, environ={}, overrides={"logging": {"file": ""}})
         service = PersistenceService(settings)
-        schema, loader = service.schemas[TASKS.name], service.loaders[TASKS.name]
+        receiver = service.receiver
+        schema, loader = receiver.schemas[TASKS.name], receiver.loaders[TASKS.name]
         items = [orjson.loads(body)["tasks"] for body in bodies]
         fields = tuple(schema.load_fields)
 
@@ -62,9 +64,9 @@ def measure_cpu(ctx: Context) -> dict[str, Any]:
         loaded = [loader(batch) for batch in items]
 
         def buffer_add() -> None:
-            buffer = Buffer(10 * tasks, 1 << 40)
+            durable = DurableBuffer(Buffer(10 * tasks, 1 << 40))
             for batch in loaded:
-                buffer.add(TASKS, batch)
+                durable.add(TASKS, batch)
 
         steps = {
             "parse_json": lambda: [orjson.loads(body) for body in bodies],

@@ -114,6 +114,7 @@ class BufferSettings:
         1.0, "BUFFER_RETRY_BACKOFF_INITIAL", _between(0.01, 3600)
     )
     retry_backoff_max: float = _setting(60.0, "BUFFER_RETRY_BACKOFF_MAX", _between(0.01, 86400))
+    isolate_after_failures: int = _setting(3, "BUFFER_ISOLATE_AFTER_FAILURES", _between(1, 1000))
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class DatabaseSettings:
     connect_timeout: float = _setting(5.0, "DB_CONNECT_TIMEOUT", _between(0.1, 600))
     read_timeout: float = _setting(30.0, "DB_READ_TIMEOUT", _between(0.1, 3600))
     write_timeout: float = _setting(30.0, "DB_WRITE_TIMEOUT", _between(0.1, 3600))
+    # 0: derived from the server's max_allowed_packet at start.
+    max_record_bytes: int = _setting(0, "DB_MAX_RECORD_BYTES", _between(0, 1024**3))
 
 
 @dataclass(frozen=True)

@@ -3,30 +3,42 @@
 Threading contract
 ------------------
 :meth:`Flusher.flush_once` may be called from any thread (the scheduler's
-jobs, a ``POST /flush`` request, the worker-exit hook). Flushes never
-overlap: ``_flush_lock`` serialises them, and a caller waits for a running
-flush to finish before starting its own, so a flush that returns has written
+jobs, a ``POST /flush`` request, the shutdown path). Flushes never overlap:
+``_flush_lock`` serialises them, and a caller waits for a running flush to
+finish before starting its own, so a flush that returns has written
 everything that was buffered when it was called (tasks still waiting for
-their session aside). The buffer's lock is only
-taken inside :class:`~persistence.buffer.Buffer` calls, never around I/O.
+their session aside). The buffer's lock is only taken inside
+:class:`~persistence.durable.DurableBuffer` calls, never around I/O.
+
+Ownership
+---------
+A flush drains the buffer into an :class:`_Owned` batch and owns every
+record of it until the record is resolved: written (the commit returned),
+dead-lettered (the dead letter's commit returned), or put back into the
+buffer. Whatever ends the flush — success, a database error of any class,
+an unexpected exception — every record not resolved goes back into the
+buffer, where newer updates that arrived meanwhile win. The journal's
+segments of the batch are deleted only when every record was resolved and
+every record put back on the way was journaled again.
 
 What one flush does
 -------------------
-1. ``Buffer.drain`` takes everything out (it stays counted as in flight).
-2. Sessions are written first: one ``executemany`` + commit.
-3. Tasks whose session is now in the database are written: one
-   ``executemany`` + commit. Tasks whose session is not there yet go back
-   to the buffer and wait; after ``buffer.orphan_task_timeout`` seconds
-   they are dead-lettered.
-4. A transient failure (connection, timeout, lock) puts the unwritten
-   records back (newer updates that arrived meanwhile win) and starts an
-   exponential backoff with full jitter; scheduled flushes wait it out,
-   ``POST /flush`` and shutdown do not.
-5. A row error (a value the database refuses) splits the batch in halves
-   until the bad rows are isolated; the good rows are written and the bad
-   ones go to ``persistence_dead_letters`` with the error.
-6. ``Buffer.finish`` ends the flush: the batch stops counting against the
-   hard limits and, in journal mode, the journal segments it came from go.
+1. Sessions are written first: one ``executemany`` + commit.
+2. Tasks whose session is in the database are written: one ``executemany``
+   + commit. Tasks whose session is not there yet go back to the buffer and
+   wait; after ``buffer.orphan_task_timeout`` seconds they are dead-lettered.
+3. The error decides the rest (:mod:`persistence.store.errors`):
+   - a row error splits the rows in halves until the bad ones are isolated;
+     the good rows are written, the bad ones dead-lettered;
+   - a transient error ends the flush: what is unresolved goes back and the
+     flusher backs off (exponential, full jitter); scheduled flushes wait it
+     out, ``POST /flush`` and shutdown do not;
+   - an error that needs an operator does the same, and is reported on
+     ``/health`` and ``/stats`` until a flush succeeds;
+   - an unclassified error or a lost connection is retried like a transient
+     one; once flushes have failed ``buffer.isolate_after_failures`` times in
+     a row with it while the database answers probes, the rows are split like
+     for a row error, so one row the server cannot take never blocks the rest.
 """
 
 from __future__ import annotations
@@ -40,16 +52,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from persistence.buffer import Batch, Buffer
 from persistence.config import BufferSettings
-from persistence.records import ORDER_COLUMN, SESSIONS, TASKS, Record, RecordType
-from persistence.store import DeadLetter, Store, StoreError
+from persistence.durable import DurableBuffer
+from persistence.records import ORDER_COLUMN, RECORD_TYPES, SESSIONS, TASKS, Record, RecordType
+from persistence.store import (
+    ConnectionLost,
+    DeadLetter,
+    OperatorError,
+    RowError,
+    Store,
+    StoreError,
+    UnclassifiedError,
+)
 
 log = logging.getLogger(__name__)
-
-
-class FlushFailed(Exception):
-    """The database could not be written; the records are buffered again."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,18 @@ class FlushResult:
     dead_lettered: int
     tasks_waiting: int
     duration_ms: float
+
+
+class FlushFailed(Exception):
+    """A flush ended early; what it did not resolve is buffered again.
+
+    ``result`` counts what the flush did resolve before it failed (rows
+    committed, dead letters written).
+    """
+
+    def __init__(self, message: str, result: FlushResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def utc_now() -> datetime:
@@ -76,6 +104,7 @@ class FlushStats:
         self.started_at = utc_now()
         self.last_flush_time: datetime | None = None
         self.last_error: str | None = None
+        self.last_error_category: str | None = None
         self.last_error_time: datetime | None = None
         self.flush_count = 0
         self.failed_flush_count = 0
@@ -87,23 +116,59 @@ class FlushStats:
         self._day: date = self.started_at.date()
         self._flushes_that_day = 0
 
-    def record_success(self, result: FlushResult, at: datetime) -> None:
+    def add_written(self, kind: RecordType, count: int) -> None:
+        """Count rows as soon as their commit returned, whatever the flush does next."""
+        if kind is SESSIONS:
+            self.sessions_written += count
+        else:
+            self.tasks_written += count
+
+    def record_success(self, duration_ms: float, at: datetime) -> None:
         if at.date() != self._day:
             self._day, self._flushes_that_day = at.date(), 0
         self.flush_count += 1
         self._flushes_that_day += 1
-        self.total_duration_ms += result.duration_ms
-        self.sessions_written += result.sessions_written
-        self.tasks_written += result.tasks_written
+        self.total_duration_ms += duration_ms
         self.last_flush_time = at
 
     def flushes_today(self, now: datetime) -> int:
         """Successful flushes since midnight UTC of ``now``."""
         return self._flushes_that_day if now.date() == self._day else 0
 
-    def record_failure(self, error: str, at: datetime) -> None:
+    def record_failure(self, error: str, category: str, at: datetime) -> None:
         self.failed_flush_count += 1
-        self.last_error, self.last_error_time = error, at
+        self.last_error, self.last_error_category, self.last_error_time = error, category, at
+
+
+class _Owned:
+    """The records of one drained batch that the flush has not resolved yet."""
+
+    def __init__(self, sessions: dict[str, Record], tasks: dict[str, Record]) -> None:
+        self.records = {SESSIONS.name: sessions, TASKS.name: tasks}
+        self.written = {SESSIONS.name: 0, TASKS.name: 0}
+        self.written_sessions: set[str] = set()
+        self.refused: list[DeadLetter] = []
+        self.dead_lettered = 0
+        self.waiting = 0
+        # False once a record put back could not be journaled again.
+        self.journaled = True
+
+    def resolve(self, kind: RecordType, keys: list[str]) -> None:
+        records = self.records[kind.name]
+        for key in keys:
+            records.pop(key, None)
+
+    def unresolved(self) -> int:
+        return sum(len(records) for records in self.records.values())
+
+    def result(self, started: float) -> FlushResult:
+        return FlushResult(
+            self.written[SESSIONS.name],
+            self.written[TASKS.name],
+            self.dead_lettered,
+            self.waiting,
+            _ms_since(started),
+        )
 
 
 class Flusher:
@@ -111,21 +176,29 @@ class Flusher:
 
     def __init__(
         self,
-        buffer: Buffer,
+        durable: DurableBuffer,
         store: Store,
         settings: BufferSettings,
+        probe: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.buffer = buffer
+        self.durable = durable
         self.store = store
         self.settings = settings
         self.stats = FlushStats()
+        self._probe = probe
         self._clock = clock
         self._wall_clock = wall_clock
         self._flush_lock = threading.Lock()
         self._failures_in_a_row = 0
         self._retry_at = 0.0
+        # The error of the last failed flush when it needs an operator; None once one succeeds.
+        self.operator_error: str | None = None
+
+    @property
+    def failures_in_a_row(self) -> int:
+        return self._failures_in_a_row
 
     def backoff_remaining(self) -> float:
         """Seconds before scheduled flushes try the database again (0 when not backing off)."""
@@ -142,77 +215,69 @@ class Flusher:
             return None  # already logged; the records are buffered again
 
     def flush_once(self, final: bool = False) -> FlushResult:
-        """Write everything buffered now. Raises :class:`FlushFailed` if the database fails.
+        """Write everything buffered now. Raises :class:`FlushFailed` if the flush ends early.
 
         ``final`` (at shutdown) dead-letters tasks whose session is not in the database
         instead of keeping them: nothing would be left to write them later.
         """
         with self._flush_lock:
             started = time.perf_counter()
+            batch = self.durable.drain()
+            owned = _Owned(batch.of(SESSIONS), batch.of(TASKS))
+            resolved = False
             try:
-                batch = self.buffer.drain()
-            except OSError as exc:  # the journal could not start a new segment
-                self.stats.record_failure(f"journal: {exc}", utc_now())
-                raise FlushFailed(f"the journal could not be rotated: {exc}") from exc
-            try:
-                if not len(batch):
-                    return FlushResult(0, 0, 0, 0, _ms_since(started))
-                result = self._write(batch, started, final)
-            except StoreError as exc:
-                self._on_failure(exc)
-                raise FlushFailed(str(exc)) from exc
+                if len(batch):
+                    self._write(owned, final)
+                resolved = owned.journaled and not owned.unresolved()
+            except Exception as exc:
+                self._put_back_unresolved(owned)
+                message = self._on_failure(exc)
+                raise FlushFailed(message, owned.result(started)) from exc
+            except BaseException:
+                self._put_back_unresolved(owned)
+                raise
             finally:
-                self.buffer.finish(batch)
-            self._failures_in_a_row, self._retry_at = 0, 0.0
-            self.stats.record_success(result, utc_now())
-            log.info(
-                "flush wrote %d sessions, %d tasks in %.0f ms (%d waiting for their "
-                "session, %d dead-lettered)",
-                result.sessions_written,
-                result.tasks_written,
-                result.duration_ms,
-                result.tasks_waiting,
-                result.dead_lettered,
-            )
+                self.durable.finish(batch, resolved)
+            result = owned.result(started)
+            if len(batch):
+                self._failures_in_a_row, self._retry_at, self.operator_error = 0, 0.0, None
+                self.stats.record_success(result.duration_ms, utc_now())
+                log.info(
+                    "flush wrote %d sessions, %d tasks in %.0f ms (%d waiting for their "
+                    "session, %d dead-lettered)",
+                    result.sessions_written,
+                    result.tasks_written,
+                    result.duration_ms,
+                    result.tasks_waiting,
+                    result.dead_lettered,
+                )
             return result
 
-    def _write(self, batch: Batch, started: float, final: bool) -> FlushResult:
-        sessions, tasks = batch.of(SESSIONS), batch.of(TASKS)
-        refused_sessions: list[DeadLetter] = []
-        try:
-            sessions_written = self._write_rows(SESSIONS, list(sessions.values()), refused_sessions)
-            written_ids = set(sessions) - {d.record[SESSIONS.key] for d in refused_sessions}
-            ready, waiting, expired = self._sort_tasks(tasks, written_ids, final)
-        except StoreError:
-            self.buffer.restore(SESSIONS, sessions)
-            self.buffer.restore(TASKS, tasks)
-            raise
-        self._dead_letter(refused_sessions)
+    # --- one flush --------------------------------------------------------------------------
 
-        refused_tasks: list[DeadLetter] = []
-        try:
-            tasks_written = self._write_rows(TASKS, ready, refused_tasks)
-        except StoreError:
-            self.buffer.restore(TASKS, {task[TASKS.key]: task for task in ready})
-            self.buffer.restore(TASKS, waiting, waiting=True)
-            self._dead_letter(expired)
-            raise
-        self.buffer.restore(TASKS, waiting, waiting=True)
-        self._dead_letter(expired + refused_tasks)
-        dead = len(refused_sessions) + len(expired) + len(refused_tasks)
-        return FlushResult(sessions_written, tasks_written, dead, len(waiting), _ms_since(started))
+    def _write(self, owned: _Owned, final: bool) -> None:
+        isolate = self._isolating()
+        self._write_rows(SESSIONS, list(owned.records[SESSIONS.name].values()), owned, isolate)
+        ready, waiting, expired = self._sort_tasks(owned, final)
+        self._write_rows(TASKS, ready, owned, isolate)
+        self._dead_letter(owned, owned.refused + expired)
+        if waiting:
+            owned.journaled &= self.durable.put_back(TASKS, waiting, waiting=True)
+            owned.resolve(TASKS, list(waiting))
+            owned.waiting = len(waiting)
 
     def _sort_tasks(
-        self, tasks: dict[str, Record], sessions_written: set[str], final: bool
+        self, owned: _Owned, final: bool
     ) -> tuple[list[Record], dict[str, Record], list[DeadLetter]]:
         """Split tasks into ready (session in the database), still waiting, and expired.
 
         A task's wait is counted from its arrival stamp, a wall-clock time, so it
         survives restarts in journal mode.
         """
+        tasks = owned.records[TASKS.name]
         timeout = self.settings.orphan_task_timeout
-        unknown = {t["session_id"] for t in tasks.values()} - sessions_written
-        known = sessions_written | self.store.existing_sessions(unknown)
+        unknown = {t["session_id"] for t in tasks.values()} - owned.written_sessions
+        known = owned.written_sessions | self.store.existing_sessions(unknown)
         ready: list[Record] = []
         waiting: dict[str, Record] = {}
         expired: list[DeadLetter] = []
@@ -231,31 +296,54 @@ class Flusher:
                 waiting[key] = task
         return ready, waiting, expired
 
-    def _write_rows(self, kind: RecordType, rows: list[Record], dead: list[DeadLetter]) -> int:
-        """Upsert ``rows``; on a row error, bisect to isolate the bad rows into ``dead``.
+    def _write_rows(
+        self, kind: RecordType, rows: list[Record], owned: _Owned, isolate: bool
+    ) -> None:
+        """Upsert ``rows``; split them to isolate rows the database refuses.
 
-        Returns how many rows were written. A transient error propagates: upserts are
-        idempotent, so the caller may put every row back and write them again later.
+        Rows are resolved as soon as their commit returns. Row errors are always
+        isolated; unclassified errors and lost connections only when ``isolate``
+        (they have failed flushes often enough) and the database still answers a
+        probe once a single row is left. Any other error propagates.
         """
         if not rows:
-            return 0
+            return
         try:
             self.store.upsert(kind, rows)
-            return len(rows)
-        except StoreError as exc:
-            if not exc.row_error:
+        except RowError as exc:
+            if len(rows) == 1:
+                self._refuse(owned, kind, rows[0], exc, "refused_by_database")
+                return
+        except (UnclassifiedError, ConnectionLost) as exc:
+            if not isolate:
                 raise
             if len(rows) == 1:
-                log.warning("%s %s refused by the database: %s", kind.name, rows[0][kind.key], exc)
-                dead.append(DeadLetter(kind, rows[0], exc.code, str(exc)))
-                return 0
+                if not self._probe():
+                    raise  # the database itself is in trouble, not this row
+                self._refuse(owned, kind, rows[0], exc, f"{exc.category}_error")
+                return
+        else:
+            keys = [row[kind.key] for row in rows]
+            owned.resolve(kind, keys)
+            owned.written[kind.name] += len(rows)
+            if kind is SESSIONS:
+                owned.written_sessions.update(keys)
+            self.stats.add_written(kind, len(rows))
+            return
         middle = len(rows) // 2
-        return self._write_rows(kind, rows[:middle], dead) + self._write_rows(
-            kind, rows[middle:], dead
-        )
+        self._write_rows(kind, rows[:middle], owned, isolate)
+        self._write_rows(kind, rows[middle:], owned, isolate)
 
-    def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        """Write ``letters``; if that fails, buffer them again to retry."""
+    def _refuse(
+        self, owned: _Owned, kind: RecordType, row: Record, exc: StoreError, reason: str
+    ) -> None:
+        log.warning(
+            "%s %s refused by the database (%s): %s", kind.name, row[kind.key], exc.category, exc
+        )
+        owned.refused.append(DeadLetter(kind, row, exc.code, str(exc), reason))
+
+    def _dead_letter(self, owned: _Owned, letters: list[DeadLetter]) -> None:
+        """Write ``letters``; if that fails, put their records back to try again later."""
         if not letters:
             return
         try:
@@ -264,14 +352,42 @@ class Flusher:
             log.error(
                 "could not write %d dead letters (%s); keeping them buffered", len(letters), exc
             )
-            for letter in letters:
-                self.buffer.restore(letter.kind, {letter.record[letter.kind.key]: letter.record})
+            for kind in RECORD_TYPES:
+                records = {
+                    letter.record[kind.key]: letter.record
+                    for letter in letters
+                    if letter.kind is kind
+                }
+                owned.journaled &= self.durable.put_back(kind, records)
+                owned.resolve(kind, list(records))
             return
         for letter in letters:
+            owned.resolve(letter.kind, [letter.record[letter.kind.key]])
             self.stats.dead_lettered[letter.kind.name] += 1
             self.stats.dead_letter_reasons[letter.reason] += 1
+        owned.dead_lettered += len(letters)
 
-    def _on_failure(self, exc: StoreError) -> None:
+    # --- failures ---------------------------------------------------------------------------
+
+    def _put_back_unresolved(self, owned: _Owned) -> None:
+        """Return every record the flush did not resolve (memory only: the batch's journal
+        segments are kept, and they hold these records)."""
+        for kind in RECORD_TYPES:
+            self.durable.put_back(kind, owned.records[kind.name], journal=False)
+
+    def _isolating(self) -> bool:
+        """Whether this flush splits batches on unclassified errors and lost connections."""
+        return self._failures_in_a_row >= self.settings.isolate_after_failures and self._probe()
+
+    def _on_failure(self, exc: Exception) -> str:
+        """Back off, record and log a failed flush; return its message."""
+        if isinstance(exc, StoreError):
+            message, category = str(exc), exc.category
+        else:
+            # Not a database error: a fault of the service itself. Keep the data, say so.
+            log.exception("flush failed unexpectedly")
+            message, category = f"{type(exc).__name__}: {exc}", "unexpected"
+        self.operator_error = message if isinstance(exc, OperatorError) else None
         self._failures_in_a_row += 1
         cap = min(
             self.settings.retry_backoff_max,
@@ -279,15 +395,17 @@ class Flusher:
         )
         delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
         self._retry_at = self._clock() + delay
-        self.stats.record_failure(str(exc), utc_now())
-        counts = self.buffer.counts()
+        self.stats.record_failure(message, category, utc_now())
+        counts = self.durable.buffer.counts()
         log.error(
-            "flush failed (%s); %d sessions and %d tasks stay buffered; next try in %.1f s",
-            exc,
+            "flush failed (%s: %s); %d sessions and %d tasks stay buffered; next try in %.1f s",
+            category,
+            message,
             counts["sessions"],
             counts["tasks"],
             delay,
         )
+        return message
 
 
 def _ms_since(started: float) -> float:

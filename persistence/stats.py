@@ -44,8 +44,13 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
     info["retry_in_seconds"] = max(f["retry_in_seconds"] for f in flush_infos)
     last_errors = [f for f in flush_infos if f["last_error_time"]]
     newest_error = max(last_errors, key=lambda f: f["last_error_time"], default=None)
-    info["last_error"] = newest_error["last_error"] if newest_error else None
-    info["last_error_time"] = newest_error["last_error_time"] if newest_error else None
+    for key in ("last_error", "last_error_category", "last_error_time"):
+        info[key] = newest_error[key] if newest_error else None
+    info["failures_in_a_row"] = max(f["failures_in_a_row"] for f in flush_infos)
+    info["needs_operator"] = next(
+        (f["needs_operator"] for f in flush_infos if f["needs_operator"]), None
+    )
+    combined["database"]["max_record_bytes"] = reports[0]["database"]["max_record_bytes"]
     perf = combined["performance"]
     flushes = perf["total_flush_count"]
     info["average_flush_duration_ms"] = (

@@ -1,4 +1,4 @@
-"""The APScheduler jobs of one worker process: interval flush, on-demand flush, health probe.
+"""The APScheduler jobs of one worker process: flushes, the health probe, journal adoption.
 
 The scheduler is built and started in the worker after gunicorn forks
 (``post_worker_init``) and shut down in ``worker_exit``; never at import or
@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 FLUSH_JOB = "flush"
 HEALTH_JOB = "health-probe"
+ADOPT_JOB = "journal-adoption"
 
 
 def build_scheduler(
@@ -24,14 +25,18 @@ def build_scheduler(
     flush_interval: float,
     probe: Callable[[], object],
     probe_interval: float,
+    adopt: Callable[[], object] | None = None,
 ) -> BackgroundScheduler:
-    """A scheduler (not started) running ``flush`` and ``probe`` at their intervals.
+    """A scheduler (not started) running ``flush`` and ``probe`` at their intervals, and
+    ``adopt`` (journal mode: take over the journals of workers that died) at the flush
+    interval.
 
-    Three executor threads: one for the interval flush, one for an on-demand
-    flush waiting behind it, one so that the health probe never waits for a flush.
+    Four executor threads: one for the interval flush, one for an on-demand
+    flush waiting behind it, one so that the health probe never waits for a
+    flush, one for the adoption.
     """
     scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(3)},
+        executors={"default": ThreadPoolExecutor(4)},
         job_defaults={"coalesce": True, "max_instances": 1},
         timezone=UTC,
     )
@@ -52,6 +57,15 @@ def build_scheduler(
         next_run_time=datetime.now(UTC),
         misfire_grace_time=max(1, int(probe_interval)),
     )
+    if adopt is not None:
+        scheduler.add_job(
+            adopt,
+            "interval",
+            seconds=flush_interval,
+            id=ADOPT_JOB,
+            name="journal adoption",
+            misfire_grace_time=max(1, int(flush_interval)),
+        )
     return scheduler
 
 

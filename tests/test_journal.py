@@ -1,17 +1,34 @@
-"""The journal: frames, group commit, torn and corrupt tails, adoption, and recovery."""
+"""The journal: frames, group commit, rotation, failing closed, adoption, and recovery."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from flask import Flask
 
 from persistence.buffer import Buffer
-from persistence.journal import BATCH, RESTORE, Journal, RecoveryReport, encode_frame, read_segment
+from persistence.durable import DurableBuffer
+from persistence.journal import (
+    BATCH,
+    RECOVERY_PAUSE,
+    RESTORE,
+    FileSystem,
+    Journal,
+    JournalError,
+    JournalUnavailable,
+    RecoveryReport,
+    encode_frame,
+    read_segment,
+)
 from persistence.records import TASKS
 from persistence.service import PersistenceService
 from tests.conftest import Database
@@ -83,11 +100,13 @@ def test_one_fsync_serves_every_frame_written_before_it(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.open()
     sid = new_session_id()
-    sequences = [journal.write(frames_of(stamped([task(sid)], start=n))) for n in range(5)]
-    journal.sync(sequences[0])
+    tickets = [journal.append(frames_of(stamped([task(sid)], start=n))) for n in range(5)]
+    journal.sync(tickets[0])
     assert journal.fsyncs == 1
-    journal.sync(sequences[-1])  # already on disk: no second fsync
+    journal.sync(tickets[-1])  # already on disk: no second fsync
     assert journal.fsyncs == 1
+    for ticket in tickets:
+        journal.release(ticket)
     journal.close()
 
 
@@ -95,13 +114,12 @@ def test_concurrent_appends_are_all_durable_and_readable(tmp_path: Path) -> None
     journal = Journal(tmp_path)
     journal.open()
     sid = new_session_id()
-    lock = threading.Lock()  # stands for the buffer's lock, which orders the writes
 
     def writer(n: int) -> None:
         for i in range(50):
-            with lock:
-                sequence = journal.write(frames_of(stamped([task(sid)], start=n * 1000 + i)))
-            journal.sync(sequence)
+            ticket = journal.append(frames_of(stamped([task(sid)], start=n * 1000 + i)))
+            journal.sync(ticket)
+            journal.release(ticket)
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -117,13 +135,13 @@ def test_concurrent_appends_are_all_durable_and_readable(tmp_path: Path) -> None
     assert len(stamps) == 400
 
 
-def test_rotation_and_checkpoint_drop_only_older_segments(tmp_path: Path) -> None:
+def test_rotation_and_checkpoint_drop_only_the_closed_segments(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.open()
     sid = new_session_id()
-    journal.write(frames_of(stamped([task(sid)])))
+    journal.append_durably(frames_of(stamped([task(sid)])))
     closed = journal.rotate()
-    journal.write(frames_of(stamped([task(sid)], start=9)))
+    journal.append_durably(frames_of(stamped([task(sid)], start=9)))
     journal.checkpoint(closed)
     left = segments(tmp_path)
     assert len(left) == 1
@@ -131,48 +149,272 @@ def test_rotation_and_checkpoint_drop_only_older_segments(tmp_path: Path) -> Non
     journal.close()
 
 
+def test_rotation_waits_until_the_writers_of_the_closed_segment_are_done(tmp_path: Path) -> None:
+    """A batch journaled in the old segment but not yet in the buffer must be in the buffer
+    before the flush drains it, or a checkpoint would delete its only durable copy."""
+    journal = Journal(tmp_path)
+    journal.open()
+    ticket = journal.append(frames_of(stamped([task(new_session_id())])))
+    journal.sync(ticket)
+    rotated = threading.Event()
+    thread = threading.Thread(target=lambda: (journal.rotate(), rotated.set()))
+    thread.start()
+    assert not rotated.wait(0.3)
+    journal.append_durably(frames_of(stamped([task(new_session_id())], start=5)))  # not blocked
+    journal.release(ticket)
+    assert rotated.wait(5)
+    thread.join()
+    journal.close()
+
+
+class FaultyFiles(FileSystem):
+    """The journal's file operations, failing once each time a fault is armed."""
+
+    def __init__(self) -> None:
+        self.armed: dict[str, OSError] = {}
+        self.calls: Counter[str] = Counter()
+        self.pause_dir_fsync: threading.Event | None = None
+
+    def arm(self, operation: str, code: int = errno.EIO) -> None:
+        self.armed[operation] = OSError(code, os.strerror(code))
+
+    def _check(self, operation: str) -> None:
+        self.calls[operation] += 1
+        error = self.armed.pop(operation, None)
+        if error is not None:
+            raise error
+
+    def write(self, fd: int, data: bytes) -> int:  # type: ignore[override]
+        self._check("write")
+        if self.armed.pop("short_write", None) is not None:
+            os.write(fd, bytes(data[: len(data) // 2]))  # half a frame reaches the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:  # type: ignore[override]
+        self._check("fsync")
+        os.fsync(fd)
+
+    def open_segment(self, path: Path) -> int:  # type: ignore[override]
+        self._check("open")
+        return FileSystem.open_segment(path)
+
+    def fsync_dir(self, path: Path) -> None:  # type: ignore[override]
+        if self.pause_dir_fsync is not None:
+            assert self.pause_dir_fsync.wait(10)
+        self._check("fsync_dir")
+        FileSystem.fsync_dir(path)
+
+
+def all_records(journal_dir: Path) -> list[str]:
+    report = RecoveryReport()
+    return [
+        r["task_id"]
+        for s in segments(journal_dir)
+        for e in read_segment(s, report)
+        for r in e.records
+    ]
+
+
+def test_a_failed_fsync_refuses_the_batch_and_leaves_no_trace(tmp_path: Path) -> None:
+    files = FaultyFiles()
+    durable = DurableBuffer(Buffer(1000, 1 << 30))
+    durable.open_journal(tmp_path, files)
+    sid = new_session_id()
+    durable.add(TASKS, [task(sid, task_id="kept")])
+    files.arm("fsync")
+    with pytest.raises(JournalError):
+        durable.add(TASKS, [task(sid, task_id="refused")])
+    # Nothing of the refused batch is in memory, and nothing will come back from disk.
+    assert list(durable.buffer.drain().of(TASKS)) == ["kept"]
+    assert all_records(tmp_path) == ["kept"]
+    durable.add(TASKS, [task(sid, task_id="after")])  # recovered: batches are taken again
+    assert sorted(all_records(tmp_path)) == ["after", "kept"]
+    assert durable.journal is not None
+    assert durable.journal.failures == 1
+    durable.close()
+
+
+def test_a_torn_write_is_cut_off_and_the_next_frames_stay_readable(tmp_path: Path) -> None:
+    files = FaultyFiles()
+    durable = DurableBuffer(Buffer(1000, 1 << 30))
+    durable.open_journal(tmp_path, files)
+    sid = new_session_id()
+    durable.add(TASKS, [task(sid, task_id="one")])
+    files.arm("short_write")
+    with pytest.raises(JournalError):
+        durable.add(TASKS, [task(sid, task_id="torn")])
+    durable.add(TASKS, [task(sid, task_id="two")])
+    report = RecoveryReport()
+    ids = [
+        r["task_id"] for s in segments(tmp_path) for e in read_segment(s, report) for r in e.records
+    ]
+    assert sorted(ids) == ["one", "two"]
+    assert (report.torn, report.corrupt) == (0, 0)
+    durable.close()
+
+
+def test_a_journal_that_cannot_reopen_refuses_batches_and_writes_nowhere_else(
+    tmp_path: Path,
+) -> None:
+    files = FaultyFiles()
+    journal = Journal(tmp_path / "journal", files)
+    journal.open()
+    sid = new_session_id()
+    files.arm("write")
+    files.arm("open")  # the new segment cannot be opened either (EMFILE, ENOSPC ...)
+    with pytest.raises(JournalError):
+        journal.append(frames_of(stamped([task(sid)])))
+    # A file opened now may reuse any descriptor number the journal closed.
+    bystander = tmp_path / "bystander.txt"
+    with bystander.open("wb") as out:
+        with pytest.raises(JournalUnavailable):
+            journal.append(frames_of(stamped([task(sid)], start=3)))
+        out.flush()
+    assert bystander.read_bytes() == b""
+    assert not journal.healthy
+    time.sleep(RECOVERY_PAUSE + 0.1)
+    journal.append_durably(frames_of(stamped([task(sid)], start=7)))  # reopened
+    assert journal.healthy
+    journal.close()
+
+
+def test_a_write_error_is_answered_503_and_counted(app_factory: Callable[..., Flask]) -> None:
+    app = app_factory(start=False, buffer={"durability": "journal", "flush_interval": 3600})
+    service = app.extensions["persistence"]
+    files = FaultyFiles()
+    service.durable.open_journal(service.settings.buffer.journal_dir, files)
+    client = app.test_client()
+    sid = new_session_id()
+    files.arm("fsync")
+    answer = client.post("/api/v1/persistence/tasks/batch", json={"tasks": [task(sid)]})
+    assert answer.status_code == 503
+    assert "Retry-After" in answer.headers
+    assert "nothing of it was kept" in answer.get_json()["detail"]
+    assert service.buffer.counts()["tasks"] == 0
+    assert service.stats()["refused"]["journal_error"] == {"batches": 1, "records": 1}
+    service.durable.close()
+
+
+def test_rotation_does_not_stall_intake(tmp_path: Path) -> None:
+    files = FaultyFiles()
+    durable = DurableBuffer(Buffer(1000, 1 << 30))
+    durable.open_journal(tmp_path, files)
+    sid = new_session_id()
+    files.pause_dir_fsync = threading.Event()  # the new segment's directory fsync hangs
+    drained = threading.Thread(target=durable.drain)
+    drained.start()
+    added = threading.Thread(target=durable.add, args=(TASKS, [task(sid)]))
+    added.start()
+    added.join(5)
+    assert not added.is_alive(), "a batch waited for the flush's rotation"
+    files.pause_dir_fsync.set()
+    drained.join(5)
+    durable.close()
+
+
+def test_a_directory_being_built_is_never_taken_for_a_dead_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process looking for dead journals while this one starts must not lock it."""
+    real_open = os.open
+    other = Journal(tmp_path)
+    other.open()
+    adopted: list[Path] = []
+
+    def open_and_look(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if str(path).endswith("lock") and flags & os.O_CREAT:
+            adopted.extend(a.path for a, _ in other.adopt())  # in the worst moment
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_and_look)
+    starting = Journal(tmp_path)
+    starting.open()  # must not fail: nobody could lock its directory first
+    monkeypatch.undo()
+    assert adopted == []
+    assert [a.path for a, _ in other.adopt()] == []  # both owners alive
+    starting.close()
+    other.close()
+
+
 def test_only_journals_of_stopped_processes_are_adopted(tmp_path: Path) -> None:
     sid = new_session_id()
     dead = Journal(tmp_path)
     dead.open()
-    dead.write(frames_of(stamped([task(sid, task_id="from-dead")])))
+    dead.append_durably(frames_of(stamped([task(sid, task_id="from-dead")])))
     dead.close()  # releases its lock, like a process that died
     alive = Journal(tmp_path)
     alive.open()
-    alive.write(frames_of(stamped([task(sid, task_id="from-alive")])))
+    alive.append_durably(frames_of(stamped([task(sid, task_id="from-alive")])))
 
-    newcomer = Journal(tmp_path)
-    newcomer.open()
-    report = RecoveryReport()
-    keys = [r["task_id"] for e in newcomer.recover(report) for r in e.records]
-    assert keys == ["from-dead"]
-    newcomer.forget_adopted(report)
+    newcomer = DurableBuffer(Buffer(1000, 1 << 30))
+    newcomer.open_journal(tmp_path)
+    assert list(newcomer.buffer.drain().of(TASKS)) == ["from-dead"]
     assert not dead.owner_dir.exists()
     assert alive.owner_dir.exists()
     alive.close()
     newcomer.close()
 
 
-def test_a_buffer_rebuilt_from_its_journal_equals_the_original(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
-    journal.open()
-    buffer = Buffer(10_000, 1 << 30, journal)
+def test_a_journal_left_behind_later_is_adopted_by_a_running_process(tmp_path: Path) -> None:
+    running = DurableBuffer(Buffer(1000, 1 << 30))
+    running.open_journal(tmp_path)
     sid = new_session_id()
-    buffer.add(TASKS, [task(sid, task_id="a", status="pending"), task(sid, task_id="b")])
-    drained = buffer.drain()
-    buffer.add(TASKS, [task(sid, task_id="a", status="completed")])
-    buffer.restore(TASKS, drained.of(TASKS))  # older "a" put back after the newer one
-    buffer.finish(drained)
-    expected = buffer.drain().of(TASKS)
-    journal.close()
+    late = Journal(tmp_path)  # a worker that starts after, then dies
+    late.open()
+    late.append_durably(frames_of(stamped([task(sid, task_id="orphan")], start=10**15)))
+    late.close()
+    report = running.adopt_orphans()
+    assert (report.directories, report.records) == (1, 1)
+    assert list(running.buffer.drain().of(TASKS)) == ["orphan"]
+    assert running.clock.stamps(1)[0] > 10**15  # never below a stamp it has seen
+    # Journaled here before the orphan's directory went: a crash now still keeps it.
+    assert "orphan" in all_records(tmp_path)
+    assert not late.owner_dir.exists()
+    running.close()
 
-    report = RecoveryReport()
+
+def test_a_buffer_rebuilt_from_its_journal_equals_the_original(tmp_path: Path) -> None:
+    durable = DurableBuffer(Buffer(10_000, 1 << 30))
+    durable.open_journal(tmp_path)
+    sid = new_session_id()
+    durable.add(TASKS, [task(sid, task_id="a", status="pending"), task(sid, task_id="b")])
+    drained = durable.drain()
+    durable.add(TASKS, [task(sid, task_id="a", status="completed")])
+    durable.put_back(TASKS, drained.of(TASKS))  # older "a" put back after the newer one
+    durable.finish(drained, resolved=True)
+    expected = durable.buffer.drain().of(TASKS)
+    durable.close()
+
     rebuilt = Buffer(10_000, 1 << 30)
     for segment in segments(tmp_path):
-        for entry in read_segment(segment, report):
-            rebuilt.replay(entry)
+        for entry in read_segment(segment, RecoveryReport()):
+            rebuilt.replay(entry.kind, entry.records)
     assert rebuilt.drain().of(TASKS) == expected
     assert expected["a"]["status"] == "completed"
+
+
+def test_racing_updates_leave_memory_and_journal_equal(tmp_path: Path) -> None:
+    durable = DurableBuffer(Buffer(100_000, 1 << 30))
+    durable.open_journal(tmp_path)
+    sid = new_session_id()
+
+    def writer(n: int) -> None:
+        for i in range(200):
+            durable.add(TASKS, [task(sid, task_id=f"k{i % 3}", retry_count=n * 1000 + i)])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    in_memory = durable.buffer.drain().of(TASKS)
+    durable.close()
+    rebuilt = Buffer(100_000, 1 << 30)
+    for segment in segments(tmp_path):
+        for entry in read_segment(segment, RecoveryReport()):
+            rebuilt.replay(entry.kind, entry.records)
+    assert rebuilt.drain().of(TASKS) == in_memory
 
 
 @pytest.fixture
@@ -192,8 +434,8 @@ def journal_app(app_factory: Callable[..., Flask], tmp_path: Path) -> Callable[[
 
 def crash(service: PersistenceService) -> None:
     """What kill -9 leaves: the journal's files, nothing flushed, locks released."""
-    service.scheduler.shutdown(wait=False)
-    service.buffer.journal.close()
+    service.runtime._scheduler.shutdown(wait=False)
+    service.durable.close()
     service.store.close()
 
 
@@ -227,7 +469,7 @@ def test_records_accepted_before_a_crash_are_written_after_restart(
     ) == [("completed",)]
     # The crashed process's journal was adopted and deleted.
     owners = {path.parent for path in segments(tmp_path / "journal")}
-    assert owners == {restarted.buffer.journal.owner_dir}
+    assert owners == {restarted.durable.journal.owner_dir}
     restarted.stop()
 
 

@@ -24,6 +24,25 @@ from dbutils.pooled_db import PooledDB
 from persistence.config import DatabaseSettings
 from persistence.records import ORDER_COLUMN, RECORD_TYPES, SESSIONS, Record, RecordType
 from persistence.store.dialects import Dialect, dialect_for, split_statements, sql_file
+from persistence.store.errors import (
+    ConnectionLost,
+    OperatorError,
+    RowError,
+    StoreError,
+    TransientError,
+    UnclassifiedError,
+)
+
+__all__ = [
+    "ConnectionLost",
+    "DeadLetter",
+    "OperatorError",
+    "RowError",
+    "Store",
+    "StoreError",
+    "TransientError",
+    "UnclassifiedError",
+]
 
 log = logging.getLogger(__name__)
 sql_log = logging.getLogger("persistence.sql")
@@ -41,20 +60,11 @@ DEAD_LETTER_COLUMNS = (
 )
 # How many keys one existence query asks about.
 _IN_CHUNK = 500
-
-
-class StoreError(Exception):
-    """A database operation failed.
-
-    ``row_error`` is true when the rows written caused it (a value refused,
-    a constraint failed): retrying the same rows will fail again. Otherwise
-    the failure is transient (connection, timeout, lock) and worth retrying.
-    """
-
-    def __init__(self, message: str, code: int | None = None, row_error: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.row_error = row_error
+# Room a statement needs around one record's values: the SQL text of the upsert and,
+# for a dead letter, the error message (at most 60,000 characters are kept).
+STATEMENT_OVERHEAD = 64 * 1024
+# A dead letter's payload keeps values up to this size when the whole record is too large.
+_DEAD_LETTER_VALUE_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class Store:
         self._pool_lock = threading.Lock()
         # Set by prepare(); until then every write calls it first.
         self._prepared = False
+        # The server's max_allowed_packet, read by prepare() (None: no such limit known).
+        self.max_allowed_packet: int | None = None
         self._upsert_sql = {kind.name: self.dialect.upsert_sql(kind) for kind in RECORD_TYPES}
         self._to_row = {kind.name: self.dialect.row_converter(kind) for kind in RECORD_TYPES}
 
@@ -107,7 +119,42 @@ class Store:
             self.create_schema()
         else:
             self._add_order_column()
+        self.max_allowed_packet = self._read_max_allowed_packet()
         self._prepared = True
+
+    def max_record_bytes(self) -> int | None:
+        """The largest record, in bytes of SQL, that one statement can carry.
+
+        ``database.max_record_bytes`` when set; else derived from the server's
+        ``max_allowed_packet`` (read by :meth:`prepare`); None when neither is known.
+        """
+        if self.settings.max_record_bytes:
+            return self.settings.max_record_bytes
+        if self.max_allowed_packet is None:
+            return None
+        return max(0, self.max_allowed_packet - STATEMENT_OVERHEAD)
+
+    def newest_stamp(self) -> int:
+        """The largest arrival stamp in the tables (0 when they are empty)."""
+        newest = 0
+        with self._connection() as conn:
+            cur = conn.cursor()
+            for kind in RECORD_TYPES:
+                self._run(cur.execute, f"SELECT MAX({ORDER_COLUMN}) FROM {kind.table}")
+                row = self._run(cur.fetchone)
+                newest = max(newest, int(row[0] or 0))
+            self._run(conn.rollback)
+        return newest
+
+    def _read_max_allowed_packet(self) -> int | None:
+        if self.dialect.max_packet_query is None:
+            return None
+        with self._connection() as conn:
+            cur = conn.cursor()
+            self._run(cur.execute, self.dialect.max_packet_query)
+            row = self._run(cur.fetchone)
+            self._run(conn.rollback)
+        return int(row[0])
 
     def _add_order_column(self) -> None:
         """Add ``ingest_seq`` to tables created before it existed."""
@@ -179,7 +226,7 @@ class Store:
             (
                 letter.kind.name,
                 str(letter.record[letter.kind.key]),
-                orjson.dumps(letter.record, default=str).decode("utf-8"),
+                self._dead_letter_payload(letter),
                 letter.error_code,
                 letter.error_message[:60_000],
                 now,
@@ -193,6 +240,28 @@ class Store:
             cur = conn.cursor()
             self._run(cur.executemany, sql, rows)
             self._run(conn.commit)
+
+    def _dead_letter_payload(self, letter: DeadLetter) -> str:
+        """The record as JSON text; values too large for one statement are described instead.
+
+        A record dead-lettered because it is too large for the server would be
+        refused again inside the dead letter; its large values (each over 64 KiB)
+        are replaced by a note of their size, so the dead letter still lands.
+        """
+        payload = orjson.dumps(letter.record, default=str).decode("utf-8")
+        limit = self.max_record_bytes()
+        # Escaping for SQL at most doubles a text.
+        if limit is None or 2 * len(payload.encode("utf-8")) <= limit:
+            return payload
+        shrunk = {}
+        for column, value in letter.record.items():
+            size = len(orjson.dumps(value, default=str))
+            shrunk[column] = (
+                f"<{size} bytes, too large to keep in a dead letter>"
+                if size > _DEAD_LETTER_VALUE_MAX
+                else value
+            )
+        return orjson.dumps(shrunk, default=str).decode("utf-8")
 
     def fetch_dead_letters(
         self, record_type: str | None = None, ids: Sequence[int] = (), limit: int | None = None
@@ -284,18 +353,26 @@ class Store:
             conn.close()
 
     def _run(self, func: Any, *args: Any) -> Any:
-        """Call a driver function, turning its exceptions into :class:`StoreError`."""
+        """Call a driver function, turning its exceptions into the :class:`StoreError` class
+        that says what they mean (:mod:`persistence.store.errors`)."""
         try:
             return func(*args)
         except StoreError:
             raise
         except Exception as exc:
-            code = self.dialect.error_code(exc)
-            row_error = self.dialect.is_row_error(exc)
-            message = " ".join(str(exc).split())
-            if code in (None, 0) and message in ("", "(0, '')"):
-                message = "the connection to the database was lost"
-            raise StoreError(f"{type(exc).__name__}: {message}", code, row_error) from exc
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: Exception) -> StoreError:
+        code = self.dialect.error_code(exc)
+        cls = self.dialect.classify(exc)
+        message = " ".join(str(exc).split())[:1000]
+        if code in (None, 0) and message in ("", "(0, '')"):
+            message = "the connection to the database was lost"
+        if cls is OperatorError:
+            # A table or column may have been dropped: check the schema again before
+            # the next write (and create what is missing, with database.create_tables).
+            self._prepared = False
+        return cls(f"{type(exc).__name__}: {message}", code)
 
     def _echo(self, sql: str, count: int) -> None:
         if self.settings.echo:

@@ -20,27 +20,14 @@ from dbutils.pooled_db import PooledDB
 
 from persistence.config import DatabaseSettings
 from persistence.records import ORDER_COLUMN, RecordType
-
-# MySQL/MariaDB error codes that a given row causes and retrying will not cure.
-MYSQL_ROW_ERRORS = frozenset(
-    {
-        1048,  # column cannot be null
-        1062,  # duplicate entry (unique key other than the primary key)
-        1136,  # column count does not match
-        1264,  # out of range value
-        1265,  # data truncated
-        1292,  # incorrect datetime/timestamp value
-        1366,  # incorrect string or integer value
-        1406,  # data too long
-        1451,  # cannot delete or update a parent row
-        1452,  # foreign key constraint fails
-        1644,  # SIGNAL from a trigger
-        1690,  # value out of range
-        3140,  # invalid JSON text
-        3819,  # check constraint violated (MySQL)
-        4025,  # CONSTRAINT failed (MariaDB)
-        4038,  # syntax error in JSON text (MariaDB)
-    }
+from persistence.store.errors import (
+    MYSQL_ERRORS,
+    SQLITE_ERRORS,
+    SQLITE_OPERATOR_MESSAGES,
+    OperatorError,
+    RowError,
+    StoreError,
+    UnclassifiedError,
 )
 
 
@@ -65,6 +52,8 @@ class Dialect(ABC):
     name: str
     placeholder: str
     ddl_file: str
+    # The query that reads the server's largest statement, or None (no such limit).
+    max_packet_query: str | None = None
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
@@ -78,8 +67,8 @@ class Dialect(ABC):
         """A new connection outside the pool, with every timeout set to ``timeout``."""
 
     @abstractmethod
-    def is_row_error(self, exc: Exception) -> bool:
-        """Whether ``exc`` is caused by the rows written (retrying will not help)."""
+    def classify(self, exc: Exception) -> type[StoreError]:
+        """The :mod:`~persistence.store.errors` class that says what ``exc`` means."""
 
     def error_code(self, exc: Exception) -> int | None:
         return None
@@ -147,6 +136,7 @@ class MysqlDialect(Dialect):
     name = "mysql"
     placeholder = "%s"
     ddl_file = "mysql.sql"
+    max_packet_query = "SELECT @@max_allowed_packet"
     # Times are written and read as UTC; strict mode makes a bad value an error, never a
     # silent truncation.
     session_setup = (
@@ -207,8 +197,10 @@ class MysqlDialect(Dialect):
             return exc.args[0]
         return None
 
-    def is_row_error(self, exc: Exception) -> bool:
-        return self.error_code(exc) in MYSQL_ROW_ERRORS
+    def classify(self, exc: Exception) -> type[StoreError]:
+        if not isinstance(exc, pymysql.MySQLError):
+            return UnclassifiedError  # a driver bug or a value it cannot send
+        return MYSQL_ERRORS.get(self.error_code(exc), UnclassifiedError)
 
     greatest = "GREATEST"
     order_column_type = "BIGINT NOT NULL DEFAULT 0"
@@ -264,8 +256,17 @@ class SqliteDialect(Dialect):
     def error_code(self, exc: Exception) -> int | None:
         return getattr(exc, "sqlite_errorcode", None)
 
-    def is_row_error(self, exc: Exception) -> bool:
-        return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError))
+    def classify(self, exc: Exception) -> type[StoreError]:
+        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError)):
+            return RowError
+        if not isinstance(exc, sqlite3.Error):
+            return UnclassifiedError
+        code = self.error_code(exc)
+        if code is not None and code & 0xFF in SQLITE_ERRORS:
+            return SQLITE_ERRORS[code & 0xFF]
+        if any(text in str(exc) for text in SQLITE_OPERATOR_MESSAGES):
+            return OperatorError
+        return UnclassifiedError
 
     greatest = "MAX"
     order_column_type = "INTEGER NOT NULL DEFAULT 0"

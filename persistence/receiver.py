@@ -1,0 +1,108 @@
+"""Taking in one batch: validate it, hand it to the durable buffer, count every refusal.
+
+Threading contract: :meth:`Receiver.accept` and :meth:`Receiver.count_refused`
+are called by request threads concurrently; the refusal counters have a lock
+of their own, and everything else is delegated to thread-safe objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from persistence.buffer import BufferFull
+from persistence.config import Settings
+from persistence.durable import DurableBuffer
+from persistence.errors import ApiError, ServiceUnavailable
+from persistence.fastpath import compile_loader
+from persistence.intake import validate_batch
+from persistence.journal import JournalError
+from persistence.records import SESSIONS, TASKS, RecordType
+from persistence.schemas import build_session_schema, build_task_schema
+
+log = logging.getLogger(__name__)
+
+# Why records were refused, as counted in /stats "refused".
+REFUSAL_REASONS = (
+    "malformed",
+    "unsupported_media_type",
+    "too_large",
+    "invalid",
+    "buffer_full",
+    "journal_error",
+)
+
+
+class Receiver:
+    """The intake of one worker: ``accept`` a request body, or refuse it whole."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        durable: DurableBuffer,
+        wake_flusher: Callable[[], None],
+        retry_after: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.durable = durable
+        self._wake_flusher = wake_flusher
+        self._retry_after = retry_after
+        self.schemas = {
+            SESSIONS.name: build_session_schema(settings.validation.session_statuses),
+            TASKS.name: build_task_schema(settings.validation.task_statuses),
+        }
+        self.loaders = {name: compile_loader(schema) for name, schema in self.schemas.items()}
+        self._refused: Counter[str] = Counter()
+        self._refused_records: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def accept(self, kind: RecordType, body: Any) -> int:
+        """Validate a batch body and buffer its records, all or none; return the count."""
+        try:
+            records = validate_batch(
+                kind,
+                body,
+                self.schemas[kind.name],
+                self.settings.buffer.max_batch_size,
+                self.loaders[kind.name],
+            )
+        except ApiError as exc:
+            self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)
+            raise
+        try:
+            ready = self.durable.add(kind, records)
+        except BufferFull as exc:
+            self.count_refused("buffer_full", body, kind)
+            raise ServiceUnavailable(
+                f"The buffer is full: {exc}; nothing of this batch was kept. Retry later.",
+                retry_after=self._retry_after(),
+            ) from None
+        except JournalError as exc:
+            self.count_refused("journal_error", body, kind)
+            log.error("batch refused: %s", exc)
+            raise ServiceUnavailable(
+                f"The batch could not be made durable ({exc}); nothing of it was kept, "
+                "and it may be sent again safely.",
+                retry_after=self._retry_after(),
+            ) from None
+        if ready >= self.settings.buffer.max_buffer_size:
+            self._wake_flusher()
+        return len(records)
+
+    def count_refused(self, reason: str, body: Any = None, kind: RecordType | None = None) -> None:
+        """Count a refused batch, and its records when the body could be read."""
+        items = body.get(kind.plural) if kind and isinstance(body, dict) else None
+        with self._lock:
+            self._refused[reason] += 1
+            self._refused_records[reason] += len(items) if isinstance(items, list) else 0
+
+    def refusals(self) -> dict[str, dict[str, int]]:
+        """Refused batches and records by reason, every reason listed."""
+        with self._lock:
+            return {
+                reason: {"batches": self._refused[reason], "records": self._refused_records[reason]}
+                for reason in REFUSAL_REASONS
+            }
