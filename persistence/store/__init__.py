@@ -128,8 +128,10 @@ class Store:
         ``database.max_record_bytes`` when set; else derived from the server's
         ``max_allowed_packet`` (read by :meth:`prepare`); None when neither is known.
         """
-        if self.settings.max_record_bytes:
-            return self.settings.max_record_bytes
+        return self.settings.max_record_bytes or self.statement_budget()
+
+    def statement_budget(self) -> int | None:
+        """Bytes of values one statement can carry on this server (None: no known limit)."""
         if self.max_allowed_packet is None:
             return None
         return max(0, self.max_allowed_packet - STATEMENT_OVERHEAD)
@@ -249,7 +251,7 @@ class Store:
         are replaced by a note of their size, so the dead letter still lands.
         """
         payload = orjson.dumps(letter.record, default=str).decode("utf-8")
-        limit = self.max_record_bytes()
+        limit = self.statement_budget()
         # Escaping for SQL at most doubles a text.
         if limit is None or 2 * len(payload.encode("utf-8")) <= limit:
             return payload
