@@ -7,6 +7,7 @@ TIMESTAMP by their ranges.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from marshmallow import ValidationError
 from persistence.errors import BadRequest, InvalidRecords
 from persistence.intake import MAX_ERRORS_LISTED, decode_json, describe_errors, validate_batch
 from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
-from persistence.schemas import build_session_schema, build_task_schema
+from persistence.schemas import build_session_schema, build_task_schema, json_fault
 from tests.factories import new_session_id, session, task
 
 SESSION_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
@@ -514,6 +515,137 @@ def test_nested_helper_counts_containers() -> None:
 
 def test_json_nesting_far_too_deep_is_refused_without_recursion_error() -> None:
     refused_on("session", "metadata", nested(5000))
+
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+
+
+@pytest.mark.parametrize("field", JSON_FIELDS)
+@pytest.mark.parametrize(
+    "number",
+    [INT64_MIN, 2**63 - 1, 2**63, UINT64_MAX, 0, -0.0, 5e-324, 1.7976931348623157e308, 1e30],
+)
+def test_json_numbers_a_column_stores_exactly_are_accepted(field: str, number: Any) -> None:
+    value = {"n": number, "in": [{"list": [number]}]}
+    loaded = load("session", session(**{field: value}))[field]
+    assert loaded == value
+    assert type(loaded["n"]) is type(number)
+
+
+@pytest.mark.parametrize("field", JSON_FIELDS)
+@pytest.mark.parametrize("number", [INT64_MIN - 1, UINT64_MAX + 1, 10**30, -(10**300)])
+def test_json_integers_outside_64_bits_are_refused_with_their_path(field: str, number: int) -> None:
+    value = {"a": {"b": [1, {"c": number}]}}
+    (message,) = refused_on("session", field, value)
+    assert message == (
+        f"Holds an integer outside the 64-bit range at {field}.a.b[1].c; a JSON column keeps "
+        f"integers from {INT64_MIN} to {UINT64_MAX} exactly. Send larger numbers as strings."
+    )
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_json_nan_and_infinities_are_refused(number: float) -> None:
+    (message,) = refused_on("session", "metadata", {"x": [number]})
+    assert (
+        message == "Holds NaN or an infinite number at metadata.x[0], which JSON cannot represent."
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"s": "\ud800"}, "metadata.s"),
+        ({"\udfff": 1}, "a key of metadata"),
+        ({"a": {"b": ["ok", "x\ud800"]}}, "metadata.a.b[1]"),
+    ],
+)
+def test_json_text_with_unpaired_surrogates_is_refused(value: Any, where: str) -> None:
+    assert refused_on("session", "metadata", value) == [
+        f"Holds text with an unpaired surrogate at {where}."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"t": (1, 2)}, "metadata.t"),
+        ({"s": {1, 2}}, "metadata.s"),
+        ({"b": b"x"}, "metadata.b"),
+        ({1: "int key"}, "a key of metadata"),
+        ({"a": [object()]}, "metadata.a[0]"),
+    ],
+)
+def test_json_values_python_alone_can_make_are_refused(value: Any, where: str) -> None:
+    assert refused_on("session", "metadata", value) == [
+        f"Holds a value that is not JSON at {where}."
+    ]
+
+
+def test_json_error_path_cuts_long_keys_and_quotes_odd_ones() -> None:
+    long_key = "k" * 100_000
+    value = {"a b": {long_key: {"": [10**20]}}}
+    (message,) = refused_on("session", "game_info", value)
+    path = 'game_info["a b"].' + "k" * 32 + '…[""][0]'
+    assert f" at {path};" in message
+    assert len(message) < 300
+
+
+def _json_fault_reference(value: Any, level: int = 1) -> bool:
+    """Whether a JSON column could not store ``value``: the rules of json_fault, recursively."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, int):
+        return not INT64_MIN <= value <= UINT64_MAX
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        return not _utf8(value)
+    if level > 31 or type(value) not in (dict, list):
+        return True
+    if type(value) is dict:
+        if any(type(key) is not str or not _utf8(key) for key in value):
+            return True
+        value = list(value.values())
+    return any(_json_fault_reference(item, level + 1) for item in value)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**66), max_value=2**66),
+    st.floats(),
+    st.text(st.characters(exclude_categories=()), max_size=3),
+    st.sampled_from([(), b"", 1j]),
+)
+
+
+def _json_trees(depth: int) -> st.SearchStrategy[Any]:
+    inner = _json_leaves if depth == 1 else _json_trees(depth - 1)
+    keys = st.text(st.characters(exclude_categories=()), max_size=2) | st.integers(0, 2)
+    return st.one_of(
+        _json_leaves,
+        st.lists(inner, max_size=2),
+        st.dictionaries(keys, inner, max_size=2),
+    )
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    value=st.dictionaries(st.text(max_size=2), _json_trees(4), max_size=3),
+    depth=st.integers(27, 31),
+)
+def test_json_fault_refuses_exactly_what_the_rules_say(value: dict[str, Any], depth: int) -> None:
+    for _ in range(depth - 1):  # buried so that the depth limit falls inside the tree
+        value = {"d": value}
+    assert (json_fault(value) is not None) == _json_fault_reference(value)
 
 
 # --- statuses --------------------------------------------------------------------------------
