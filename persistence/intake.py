@@ -6,6 +6,7 @@ Knows nothing of Flask: it takes the decoded JSON body and raises
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -21,15 +22,36 @@ log = logging.getLogger(__name__)
 # How many invalid records a 422 lists; the count in `detail` is always complete.
 MAX_ERRORS_LISTED = 100
 
+# orjson reads an integer outside -2**63 .. 2**64-1 as the nearest float, silently.
+# Such an integer has at least 19 digits; a body with no run of 19 digits holds none.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGIT_RUN = b"0" * 19
+
 
 def decode_json(raw: bytes) -> Any:
-    """Parse a request body, or refuse it with 400."""
+    """Parse a request body, or refuse it with 400. Every integer is read exactly.
+
+    orjson parses; a body that holds a run of 19 or more digits is read again
+    with the standard library, which keeps integers of any size, so that the
+    schemas see (and refuse, naming the field) an integer a JSON column
+    cannot store. orjson has checked the syntax by then, so both give the same
+    values otherwise.
+    """
     if not raw.strip():
         raise BadRequest("Request body is empty; send a JSON object.")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}.") from None
+    if _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            body = json.loads(raw)
+        except RecursionError:  # orjson reads 1,024 levels, the standard library fewer
+            raise BadRequest(
+                "Request body is nested too deeply to be read exactly; records nest "
+                "at most 31 levels."
+            ) from None
+    return body
 
 
 def validate_batch(

@@ -7,10 +7,12 @@ TIMESTAMP by their ranges.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -788,6 +790,54 @@ def test_decode_json_refuses_invalid_json(raw: bytes) -> None:
 )
 def test_decode_json_parses_valid_json(raw: bytes, expected: Any) -> None:
     assert decode_json(raw) == expected
+
+
+def test_orjson_alone_reads_integers_beyond_64_bits_as_floats() -> None:
+    """Why decode_json reads some bodies twice: orjson changes such integers silently."""
+    assert orjson.loads(b"[18446744073709551616]") == [1.8446744073709552e19]
+    assert orjson.loads(b"[18446744073709551615]") == [2**64 - 1]
+
+
+@pytest.mark.parametrize(
+    "number", [2**64, -(2**63) - 1, 123456789012345678901234567890, -(10**300), 10**19]
+)
+@pytest.mark.parametrize("separator", [b":", b": ", b":\n\t "])
+def test_decode_json_keeps_integers_of_any_size_exactly(number: int, separator: bytes) -> None:
+    raw = b'{"sessions"' + separator + b'[{"metadata": {"n": [%d]}}]}' % number
+    decoded = decode_json(raw)
+    assert decoded == {"sessions": [{"metadata": {"n": [number]}}]}
+    assert type(decoded["sessions"][0]["metadata"]["n"][0]) is int
+
+
+def test_decode_json_refuses_an_exact_read_nested_too_deeply() -> None:
+    raw = b"[" * 1020 + b"12345678901234567890" + b"]" * 1020  # orjson reads 1,024 levels
+    with pytest.raises(BadRequest, match="nested too deeply") as exc:
+        decode_json(raw)
+    assert exc.value.status == 400
+
+
+json_documents = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=25)
+    | st.from_regex(r"[0-9]{15,25}", fullmatch=True),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(document=json_documents, indent=st.sampled_from([None, 1]))
+def test_decode_json_reads_every_document_as_the_standard_library_does(
+    document: Any, indent: int | None
+) -> None:
+    raw = json.dumps({"doc": document}, indent=indent, ensure_ascii=False).encode("utf-8")
+    decoded = decode_json(raw)
+    assert json.dumps(decoded, sort_keys=True) == json.dumps({"doc": document}, sort_keys=True)
 
 
 # --- intake: validate_batch envelope ---------------------------------------------------------
