@@ -336,9 +336,10 @@ def _optional_count() -> Count:
 
 def _status(allowed: Iterable[str]) -> fields.String:
     choices = tuple(allowed)
+    # "{choices}" rather than the names themselves: marshmallow formats the message, so a
+    # configured name holding braces would break it or echo the input.
     return fields.String(
-        required=True,
-        validate=validate.OneOf(choices, error=f"Must be one of: {', '.join(choices)}."),
+        required=True, validate=validate.OneOf(choices, error="Must be one of: {choices}.")
     )
 
 

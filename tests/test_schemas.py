@@ -19,7 +19,16 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from persistence.errors import BadRequest, InvalidRecords
-from persistence.intake import MAX_ERRORS_LISTED, decode_json, describe_errors, validate_batch
+from persistence.intake import (
+    MAX_ERRORS_BYTES,
+    MAX_ERRORS_LISTED,
+    MAX_KEY_CHARS,
+    MAX_MESSAGE_CHARS,
+    decode_json,
+    describe_errors,
+    validate_batch,
+)
+from persistence.intake import refusal as refusal_of
 from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
 from persistence.schemas import build_session_schema, build_task_schema, json_fault
 from tests.factories import new_session_id, session, task
@@ -1000,6 +1009,79 @@ def test_error_list_is_capped_but_the_count_is_complete() -> None:
     assert len(exc.value.extra["errors"]) == MAX_ERRORS_LISTED
     assert exc.value.extra["error_count"] == count
     assert [e["index"] for e in exc.value.extra["errors"]] == list(range(MAX_ERRORS_LISTED))
+
+
+def test_a_long_key_is_echoed_by_its_start_and_its_length() -> None:
+    long_id = "é" * 1_000_000
+    records = [task(SID, task_id=long_id), session(session_id=long_id)]
+    with pytest.raises(InvalidRecords) as exc:
+        validate_batch(TASKS, {"tasks": records[:1]}, TASK_SCHEMA, 1000)
+    (entry,) = exc.value.extra["errors"]
+    assert entry["task_id"] == "é" * MAX_KEY_CHARS + "… (1,000,000 characters)"
+    with pytest.raises(InvalidRecords) as exc:
+        validate_batch(SESSIONS, {"sessions": records[1:]}, SESSION_SCHEMA, 1000)
+    (entry,) = exc.value.extra["errors"]
+    assert entry["session_id"] == "é" * MAX_KEY_CHARS + "… (1,000,000 characters)"
+
+
+def test_a_key_of_exactly_the_echo_length_is_echoed_whole() -> None:
+    key = "k" * MAX_KEY_CHARS
+    errors = describe_errors(TASKS, [{"task_id": key}], {0: {"status": ["bad"]}})
+    assert errors[0]["task_id"] == key
+
+
+HUGE = "9" * 1_000_000
+HOSTILE_VALUES = [
+    HUGE,
+    " " + HUGE,
+    "2026-01-01T00:00:00" + HUGE,
+    [HUGE],
+    {HUGE: HUGE},
+    {HUGE: [{HUGE: 10**4000}]},
+    10**4000,
+    -(10**4000),
+    1e308,
+    [[[[HUGE]]]],
+]
+
+
+@pytest.mark.parametrize("kind", ["session", "task"])
+@pytest.mark.parametrize("value", HOSTILE_VALUES, ids=lambda v: type(v).__name__)
+def test_no_message_echoes_the_value_it_refuses(kind: str, value: Any) -> None:
+    schema = schema_of(kind)
+    rec = {name: value for name in schema.load_fields}
+    with pytest.raises(ValidationError) as exc:
+        schema.load([rec])
+    messages = describe_errors(SESSIONS if kind == "session" else TASKS, [rec], exc.value.messages)
+    assert {m["field"] for m in messages} >= set(schema.load_fields) - set(JSON_FIELDS)
+    for entry in messages:
+        assert len(entry["message"]) < 300, entry["message"][:300]
+        assert "9" * 40 not in entry["message"]
+
+
+def test_status_names_with_braces_appear_as_configured() -> None:
+    schema = build_task_schema(["{input}", "a{0}", "b}"])
+    errors = refusal("task", task(SID, status="x" * 1000), schema)
+    assert errors == {"status": ["Must be one of: {input}, a{0}, b}."]}
+
+
+def test_the_listed_errors_stop_at_a_byte_budget_but_the_count_is_complete() -> None:
+    message = "m" * MAX_MESSAGE_CHARS
+    errors = [
+        {"index": i, "task_id": "t" * 64, "field": "status", "message": message} for i in range(300)
+    ]
+    answer = refusal_of(TASKS, 300, "invalid", errors)
+    listed = answer.extra["errors"]
+    assert 0 < len(listed) < MAX_ERRORS_LISTED
+    assert len(orjson.dumps(listed)) <= MAX_ERRORS_BYTES
+    assert listed == errors[: len(listed)]
+    assert answer.extra["error_count"] == 300
+    assert answer.detail == "300 of 300 tasks are invalid; nothing was accepted."
+
+
+def test_messages_are_cut_to_a_bounded_length() -> None:
+    errors = describe_errors(TASKS, [{}], {0: {"status": ["x" * 10_000]}})
+    assert errors[0]["message"] == "x" * (MAX_MESSAGE_CHARS - 1) + "…"
 
 
 def test_describe_errors_flattens_nested_and_sorts_by_index() -> None:
