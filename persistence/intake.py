@@ -19,6 +19,7 @@ from marshmallow import Schema, ValidationError
 from persistence.errors import BadRequest, InvalidRecords
 from persistence.fastpath import Loader
 from persistence.records import Record, RecordType
+from persistence.sqlsize import sizer_for
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,15 @@ def validate_batch(
     schema: Schema,
     max_batch_size: int,
     loader: Loader | None = None,
+    *,
+    max_record_bytes: int | None = None,
 ) -> list[Record]:
     """The records of a ``{"<kind.plural>": [...]}`` body, or an error naming what is wrong.
 
     ``loader`` is the schema compiled by :func:`persistence.fastpath.compile_loader`:
     it loads valid batches; marshmallow runs when it refuses, to report the errors.
+    ``max_record_bytes`` (None: no limit) refuses a record whose row in the SQL
+    statement that writes it (:mod:`persistence.sqlsize`) would be longer.
     Safe to call from any number of threads.
     """
     name = kind.plural
@@ -104,7 +109,48 @@ def validate_batch(
             raise refusal(kind, len(items), "invalid", errors) from None
         if loader is not None:
             log.error("the compiled %s loader refused a batch that the schema accepts", kind.name)
+    if max_record_bytes is not None:
+        check_record_bytes(kind, schema, items, records, max_record_bytes)
     return records
+
+
+def check_record_bytes(
+    kind: RecordType, schema: Schema, items: list[Any], records: list[Record], limit: int
+) -> None:
+    """Refuse with 422 the batch if a record's row as SQL would take more than ``limit`` bytes.
+
+    ``records`` are the loaded ``items``. The common case costs nothing per
+    task (every task column has a bounded size) and one JSON encoding per
+    session object; only a record whose bound passes the limit is measured
+    exactly.
+    """
+    sizer = sizer_for(kind, schema)
+    if not sizer.measured and sizer.fixed_bytes <= limit:
+        return
+    errors = []
+    for index, record in enumerate(records):
+        if sizer.bound(record) <= limit:
+            continue
+        sizes = sizer.sizes(record)
+        total = sizer.row_bytes(sizes)
+        if total <= limit:
+            continue
+        largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+        fields = ", ".join(f"{column} {sizes[column]:,} bytes" for column in largest)
+        errors.append(
+            {
+                "index": index,
+                kind.key: _key_echo(items[index].get(kind.key)),
+                "field": largest[0],
+                "message": (
+                    f"The record is {total:,} bytes as SQL; at most {limit:,} are accepted "
+                    "(database.max_record_bytes, derived from the server's max_allowed_packet). "
+                    f"Largest fields: {fields}."
+                ),
+            }
+        )
+    if errors:
+        raise refusal(kind, len(records), "too large for the database", errors)
 
 
 def refusal(
