@@ -33,8 +33,7 @@ def compile_loader(schema: Schema) -> Loader:
         "MISSING": _MISSING,
         "UUID_MATCH": schemas.UUID_TEXT.fullmatch,
         "iso_to_utc_text": schemas.iso_to_utc_text,
-        "json_depth": schemas.json_depth,
-        "JSON_MAX_DEPTH": schemas.JSON_MAX_DEPTH,
+        "json_fault": schemas.json_fault,
     }
     lines = [
         "def load_many(items):",
@@ -117,7 +116,7 @@ def _check_code(name: str, field: fields.Field, namespace: dict[str, Any]) -> li
         ]
     if isinstance(field, schemas.JsonObject):
         return [
-            "if type(v) is not dict or json_depth(v) > JSON_MAX_DEPTH:",
+            "if type(v) is not dict or json_fault(v) is not None:",
             "    return None",
             "v = dict(v)",
         ]

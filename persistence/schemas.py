@@ -14,6 +14,7 @@ SQLite all read), so that a record is plain JSON data.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from datetime import datetime
@@ -25,6 +26,10 @@ INT_MAX = 2_147_483_647
 TEXT_MAX_BYTES = 65_535
 # MySQL's JSON type holds 100 levels; MariaDB's JSON_VALID check refuses 32 and more.
 JSON_MAX_DEPTH = 31
+# The integers a JSON column keeps exactly: MySQL stores them as int64 or uint64 (and
+# larger ones as doubles); orjson, which writes the column's text, stops there too.
+JSON_INT_MIN = -(2**63)
+JSON_INT_MAX = 2**64 - 1
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7)
 UUID_TEXT = re.compile(
@@ -191,31 +196,134 @@ def utc_text(moment: datetime) -> str | None:
 
 
 class JsonObject(fields.Dict):
-    """A JSON object that MySQL's and MariaDB's JSON columns accept (31 levels at most)."""
+    """A JSON object that MySQL's and MariaDB's JSON columns store as sent (:func:`json_fault`)."""
 
-    default_error_messages = {"too_deep": f"Nested deeper than {JSON_MAX_DEPTH} levels."}
+    default_error_messages = {
+        "too_deep": f"Nested deeper than {JSON_MAX_DEPTH} levels.",
+        "integer_range": (
+            "Holds an integer outside the 64-bit range at {path}; a JSON column keeps "
+            f"integers from {JSON_INT_MIN} to {JSON_INT_MAX} exactly. Send larger numbers as "
+            "strings."
+        ),
+        "not_finite": "Holds NaN or an infinite number at {path}, which JSON cannot represent.",
+        "encoding": "Holds text with an unpaired surrogate at {path}.",
+        "not_json": "Holds a value that is not JSON at {path}.",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict:
         result = super()._deserialize(value, attr, data, **kwargs)
-        if json_depth(result) > JSON_MAX_DEPTH:
-            raise self.make_error("too_deep")
+        fault = json_fault(result)
+        if fault == "too_deep":
+            raise self.make_error(fault)
+        if fault is not None:
+            raise self.make_error(fault, path=json_fault_path(result, attr or self.name or ""))
         return result
 
 
-def json_depth(value: Any) -> int:
-    """Nesting depth of a JSON value, iteratively (no recursion limit to hit)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[Any] = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
-    return deepest
+# Leaf checks of json_fault: the error key of a value a JSON column cannot keep exactly.
+def _int_fault(value: int) -> str | None:
+    return None if JSON_INT_MIN <= value <= JSON_INT_MAX else "integer_range"
+
+
+def _float_fault(value: float) -> str | None:
+    return None if value - value == 0.0 else "not_finite"  # NaN and ±inf give NaN
+
+
+def _str_fault(value: str) -> str | None:
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "encoding"
+    return None
+
+
+def _leaf_fault(value: Any) -> str | None:
+    kind = type(value)
+    if kind is str:
+        return _str_fault(value)
+    if kind is int:
+        return _int_fault(value)
+    if kind is float:
+        return _float_fault(value)
+    if value is None or kind is bool:
+        return None
+    return "not_json"
+
+
+def json_fault(value: Any) -> str | None:
+    """Why a JSON column could not store ``value`` exactly, as an error key of JsonObject; or None.
+
+    ``too_deep``: more than JSON_MAX_DEPTH nested objects and arrays.
+    ``integer_range``: an integer outside -2**63 .. 2**64-1, which MySQL would
+    turn into a float, and which the service's JSON encoder (orjson) cannot write.
+    ``not_finite``: NaN or an infinity, which JSON has no words for.
+    ``encoding``: a string (or key) with an unpaired surrogate, not UTF-8.
+    ``not_json``: anything but dict, list, str, int, float, bool and None.
+    Walks level by level without recursion: the depth check stops at level
+    JSON_MAX_DEPTH + 1, however deep the value goes.
+    """
+    level, containers = 0, [value]
+    while containers:
+        level += 1
+        if level > JSON_MAX_DEPTH:
+            return "too_deep"
+        inner = []
+        for container in containers:
+            if type(container) is dict:
+                for key, item in container.items():
+                    fault = _leaf_fault(key) if type(key) is str else "not_json"
+                    if fault is None and type(item) in _CONTAINERS:
+                        inner.append(item)
+                    elif fault is None:
+                        fault = _leaf_fault(item)
+                    if fault is not None:
+                        return fault
+            else:
+                for item in container:
+                    if type(item) in _CONTAINERS:
+                        inner.append(item)
+                    elif (fault := _leaf_fault(item)) is not None:
+                        return fault
+        containers = inner
+    return None
+
+
+_CONTAINERS = (dict, list)
+# Keys shown in full in an error's path up to this many characters.
+_PATH_KEY_CHARS = 32
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def json_fault_path(value: Any, name: str) -> str:
+    """Where in ``value`` (a field called ``name``) its first faulty leaf sits: ``metadata.a[2]``.
+
+    Keys longer than a few dozen characters are cut, so that the path stays
+    short whatever the input; keys that are not plain words are quoted.
+    """
+    queue: list[tuple[Any, str]] = [(value, name)]
+    for container, path in queue:
+        pairs = container.items() if type(container) is dict else enumerate(container)
+        for key, item in pairs:
+            if type(container) is dict:
+                if type(key) is not str or _leaf_fault(key) is not None:
+                    return f"a key of {path}"
+                here = path + _path_key(key)
+            else:
+                here = f"{path}[{key}]"
+            if type(item) in _CONTAINERS:
+                queue.append((item, here))
+            elif _leaf_fault(item) is not None:
+                return here
+    return name
+
+
+def _path_key(key: str) -> str:
+    shown, cut = key[:_PATH_KEY_CHARS], "…" if len(key) > _PATH_KEY_CHARS else ""
+    if _PLAIN_KEY.fullmatch(shown):
+        return f".{shown}{cut}"
+    return "[" + json.dumps(shown + cut, ensure_ascii=False) + "]"
 
 
 def _optional_text() -> Text:
@@ -228,9 +336,10 @@ def _optional_count() -> Count:
 
 def _status(allowed: Iterable[str]) -> fields.String:
     choices = tuple(allowed)
+    # "{choices}" rather than the names themselves: marshmallow formats the message, so a
+    # configured name holding braces would break it or echo the input.
     return fields.String(
-        required=True,
-        validate=validate.OneOf(choices, error=f"Must be one of: {', '.join(choices)}."),
+        required=True, validate=validate.OneOf(choices, error="Must be one of: {choices}.")
     )
 
 

@@ -19,12 +19,18 @@ TASK_SCHEMA = build_task_schema(["pending", "processing", "completed", "failed"]
 
 # Text that may hold surrogates, blanks and multi-byte characters.
 any_text = st.text(st.characters(exclude_categories=()), max_size=8)
+# Integers on both sides of the 64-bit range a JSON column keeps exactly, and values
+# only Python callers can make (tuples, bytes, ...), which no JSON column holds.
 scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.integers(min_value=-(2**63) - 2, max_value=-(2**63) + 1),
+    st.integers(min_value=2**64 - 2, max_value=2**64 + 1),
+    st.integers(min_value=-(2**80), max_value=2**80),
     st.floats(allow_nan=True, allow_infinity=True),
     any_text,
+    st.sampled_from([(), (1,), b"x", frozenset()]),
 )
 json_values = st.recursive(
     scalars,
@@ -82,7 +88,16 @@ interesting = {
             "now",
         ]
     ),
-    "game_info": st.sampled_from([{}, {"a": [1, {"b": None}]}, deep(31), deep(32), [], "x"]),
+    "game_info": st.one_of(
+        st.sampled_from([{}, {"a": [1, {"b": None}]}, deep(31), deep(32), [], "x"]),
+        st.sampled_from([2**63 - 1, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30]).map(
+            lambda n: {"n": [n]}
+        ),
+        st.sampled_from([float("nan"), float("-inf"), 1e308, "\ud800", {"\udfff": 1}]).map(
+            lambda v: {"v": v}
+        ),
+        json_values.map(lambda v: {"v": v}),
+    ),
 }
 interesting["end_time"] = interesting["start_time"]
 interesting["metadata"] = interesting["game_info"]
@@ -166,6 +181,16 @@ def test_task_loader_matches_the_schema(data: st.DataObject) -> None:
 def test_session_loader_matches_the_schema(data: st.DataObject) -> None:
     items = data.draw(st.lists(records(session(), SESSION_SCHEMA), min_size=1, max_size=4))
     same_outcome(SESSION_SCHEMA, items)
+
+
+json_columns = st.one_of(st.none(), st.dictionaries(any_text, json_values, max_size=3))
+
+
+@check
+@given(game_info=json_columns, metadata=json_columns)
+def test_session_loader_matches_the_schema_on_json_columns(game_info: Any, metadata: Any) -> None:
+    """Sessions valid but for their JSON objects, so that no other error hides a difference."""
+    same_outcome(SESSION_SCHEMA, [session(game_info=game_info, metadata=metadata)])
 
 
 def test_valid_batches_load_identically() -> None:

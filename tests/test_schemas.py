@@ -7,18 +7,30 @@ TIMESTAMP by their ranges.
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from persistence.errors import BadRequest, InvalidRecords
-from persistence.intake import MAX_ERRORS_LISTED, decode_json, describe_errors, validate_batch
+from persistence.intake import (
+    MAX_ERRORS_BYTES,
+    MAX_ERRORS_LISTED,
+    MAX_KEY_CHARS,
+    MAX_MESSAGE_CHARS,
+    decode_json,
+    describe_errors,
+    validate_batch,
+)
+from persistence.intake import refusal as refusal_of
 from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
-from persistence.schemas import build_session_schema, build_task_schema
+from persistence.schemas import build_session_schema, build_task_schema, json_fault
 from tests.factories import new_session_id, session, task
 
 SESSION_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
@@ -516,6 +528,137 @@ def test_json_nesting_far_too_deep_is_refused_without_recursion_error() -> None:
     refused_on("session", "metadata", nested(5000))
 
 
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+
+
+@pytest.mark.parametrize("field", JSON_FIELDS)
+@pytest.mark.parametrize(
+    "number",
+    [INT64_MIN, 2**63 - 1, 2**63, UINT64_MAX, 0, -0.0, 5e-324, 1.7976931348623157e308, 1e30],
+)
+def test_json_numbers_a_column_stores_exactly_are_accepted(field: str, number: Any) -> None:
+    value = {"n": number, "in": [{"list": [number]}]}
+    loaded = load("session", session(**{field: value}))[field]
+    assert loaded == value
+    assert type(loaded["n"]) is type(number)
+
+
+@pytest.mark.parametrize("field", JSON_FIELDS)
+@pytest.mark.parametrize("number", [INT64_MIN - 1, UINT64_MAX + 1, 10**30, -(10**300)])
+def test_json_integers_outside_64_bits_are_refused_with_their_path(field: str, number: int) -> None:
+    value = {"a": {"b": [1, {"c": number}]}}
+    (message,) = refused_on("session", field, value)
+    assert message == (
+        f"Holds an integer outside the 64-bit range at {field}.a.b[1].c; a JSON column keeps "
+        f"integers from {INT64_MIN} to {UINT64_MAX} exactly. Send larger numbers as strings."
+    )
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_json_nan_and_infinities_are_refused(number: float) -> None:
+    (message,) = refused_on("session", "metadata", {"x": [number]})
+    assert (
+        message == "Holds NaN or an infinite number at metadata.x[0], which JSON cannot represent."
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"s": "\ud800"}, "metadata.s"),
+        ({"\udfff": 1}, "a key of metadata"),
+        ({"a": {"b": ["ok", "x\ud800"]}}, "metadata.a.b[1]"),
+    ],
+)
+def test_json_text_with_unpaired_surrogates_is_refused(value: Any, where: str) -> None:
+    assert refused_on("session", "metadata", value) == [
+        f"Holds text with an unpaired surrogate at {where}."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"t": (1, 2)}, "metadata.t"),
+        ({"s": {1, 2}}, "metadata.s"),
+        ({"b": b"x"}, "metadata.b"),
+        ({1: "int key"}, "a key of metadata"),
+        ({"a": [object()]}, "metadata.a[0]"),
+    ],
+)
+def test_json_values_python_alone_can_make_are_refused(value: Any, where: str) -> None:
+    assert refused_on("session", "metadata", value) == [
+        f"Holds a value that is not JSON at {where}."
+    ]
+
+
+def test_json_error_path_cuts_long_keys_and_quotes_odd_ones() -> None:
+    long_key = "k" * 100_000
+    value = {"a b": {long_key: {"": [10**20]}}}
+    (message,) = refused_on("session", "game_info", value)
+    path = 'game_info["a b"].' + "k" * 32 + '…[""][0]'
+    assert f" at {path};" in message
+    assert len(message) < 300
+
+
+def _json_fault_reference(value: Any, level: int = 1) -> bool:
+    """Whether a JSON column could not store ``value``: the rules of json_fault, recursively."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, int):
+        return not INT64_MIN <= value <= UINT64_MAX
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        return not _utf8(value)
+    if level > 31 or type(value) not in (dict, list):
+        return True
+    if type(value) is dict:
+        if any(type(key) is not str or not _utf8(key) for key in value):
+            return True
+        value = list(value.values())
+    return any(_json_fault_reference(item, level + 1) for item in value)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**66), max_value=2**66),
+    st.floats(),
+    st.text(st.characters(exclude_categories=()), max_size=3),
+    st.sampled_from([(), b"", 1j]),
+)
+
+
+def _json_trees(depth: int) -> st.SearchStrategy[Any]:
+    inner = _json_leaves if depth == 1 else _json_trees(depth - 1)
+    keys = st.text(st.characters(exclude_categories=()), max_size=2) | st.integers(0, 2)
+    return st.one_of(
+        _json_leaves,
+        st.lists(inner, max_size=2),
+        st.dictionaries(keys, inner, max_size=2),
+    )
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    value=st.dictionaries(st.text(max_size=2), _json_trees(4), max_size=3),
+    depth=st.integers(27, 31),
+)
+def test_json_fault_refuses_exactly_what_the_rules_say(value: dict[str, Any], depth: int) -> None:
+    for _ in range(depth - 1):  # buried so that the depth limit falls inside the tree
+        value = {"d": value}
+    assert (json_fault(value) is not None) == _json_fault_reference(value)
+
+
 # --- statuses --------------------------------------------------------------------------------
 
 
@@ -656,6 +799,54 @@ def test_decode_json_refuses_invalid_json(raw: bytes) -> None:
 )
 def test_decode_json_parses_valid_json(raw: bytes, expected: Any) -> None:
     assert decode_json(raw) == expected
+
+
+def test_orjson_alone_reads_integers_beyond_64_bits_as_floats() -> None:
+    """Why decode_json reads some bodies twice: orjson changes such integers silently."""
+    assert orjson.loads(b"[18446744073709551616]") == [1.8446744073709552e19]
+    assert orjson.loads(b"[18446744073709551615]") == [2**64 - 1]
+
+
+@pytest.mark.parametrize(
+    "number", [2**64, -(2**63) - 1, 123456789012345678901234567890, -(10**300), 10**19]
+)
+@pytest.mark.parametrize("separator", [b":", b": ", b":\n\t "])
+def test_decode_json_keeps_integers_of_any_size_exactly(number: int, separator: bytes) -> None:
+    raw = b'{"sessions"' + separator + b'[{"metadata": {"n": [%d]}}]}' % number
+    decoded = decode_json(raw)
+    assert decoded == {"sessions": [{"metadata": {"n": [number]}}]}
+    assert type(decoded["sessions"][0]["metadata"]["n"][0]) is int
+
+
+def test_decode_json_refuses_an_exact_read_nested_too_deeply() -> None:
+    raw = b"[" * 1020 + b"12345678901234567890" + b"]" * 1020  # orjson reads 1,024 levels
+    with pytest.raises(BadRequest, match="nested too deeply") as exc:
+        decode_json(raw)
+    assert exc.value.status == 400
+
+
+json_documents = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=25)
+    | st.from_regex(r"[0-9]{15,25}", fullmatch=True),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(document=json_documents, indent=st.sampled_from([None, 1]))
+def test_decode_json_reads_every_document_as_the_standard_library_does(
+    document: Any, indent: int | None
+) -> None:
+    raw = json.dumps({"doc": document}, indent=indent, ensure_ascii=False).encode("utf-8")
+    decoded = decode_json(raw)
+    assert json.dumps(decoded, sort_keys=True) == json.dumps({"doc": document}, sort_keys=True)
 
 
 # --- intake: validate_batch envelope ---------------------------------------------------------
@@ -818,6 +1009,79 @@ def test_error_list_is_capped_but_the_count_is_complete() -> None:
     assert len(exc.value.extra["errors"]) == MAX_ERRORS_LISTED
     assert exc.value.extra["error_count"] == count
     assert [e["index"] for e in exc.value.extra["errors"]] == list(range(MAX_ERRORS_LISTED))
+
+
+def test_a_long_key_is_echoed_by_its_start_and_its_length() -> None:
+    long_id = "é" * 1_000_000
+    records = [task(SID, task_id=long_id), session(session_id=long_id)]
+    with pytest.raises(InvalidRecords) as exc:
+        validate_batch(TASKS, {"tasks": records[:1]}, TASK_SCHEMA, 1000)
+    (entry,) = exc.value.extra["errors"]
+    assert entry["task_id"] == "é" * MAX_KEY_CHARS + "… (1,000,000 characters)"
+    with pytest.raises(InvalidRecords) as exc:
+        validate_batch(SESSIONS, {"sessions": records[1:]}, SESSION_SCHEMA, 1000)
+    (entry,) = exc.value.extra["errors"]
+    assert entry["session_id"] == "é" * MAX_KEY_CHARS + "… (1,000,000 characters)"
+
+
+def test_a_key_of_exactly_the_echo_length_is_echoed_whole() -> None:
+    key = "k" * MAX_KEY_CHARS
+    errors = describe_errors(TASKS, [{"task_id": key}], {0: {"status": ["bad"]}})
+    assert errors[0]["task_id"] == key
+
+
+HUGE = "9" * 1_000_000
+HOSTILE_VALUES = [
+    HUGE,
+    " " + HUGE,
+    "2026-01-01T00:00:00" + HUGE,
+    [HUGE],
+    {HUGE: HUGE},
+    {HUGE: [{HUGE: 10**4000}]},
+    10**4000,
+    -(10**4000),
+    1e308,
+    [[[[HUGE]]]],
+]
+
+
+@pytest.mark.parametrize("kind", ["session", "task"])
+@pytest.mark.parametrize("value", HOSTILE_VALUES, ids=lambda v: type(v).__name__)
+def test_no_message_echoes_the_value_it_refuses(kind: str, value: Any) -> None:
+    schema = schema_of(kind)
+    rec = {name: value for name in schema.load_fields}
+    with pytest.raises(ValidationError) as exc:
+        schema.load([rec])
+    messages = describe_errors(SESSIONS if kind == "session" else TASKS, [rec], exc.value.messages)
+    assert {m["field"] for m in messages} >= set(schema.load_fields) - set(JSON_FIELDS)
+    for entry in messages:
+        assert len(entry["message"]) < 300, entry["message"][:300]
+        assert "9" * 40 not in entry["message"]
+
+
+def test_status_names_with_braces_appear_as_configured() -> None:
+    schema = build_task_schema(["{input}", "a{0}", "b}"])
+    errors = refusal("task", task(SID, status="x" * 1000), schema)
+    assert errors == {"status": ["Must be one of: {input}, a{0}, b}."]}
+
+
+def test_the_listed_errors_stop_at_a_byte_budget_but_the_count_is_complete() -> None:
+    message = "m" * MAX_MESSAGE_CHARS
+    errors = [
+        {"index": i, "task_id": "t" * 64, "field": "status", "message": message} for i in range(300)
+    ]
+    answer = refusal_of(TASKS, 300, "invalid", errors)
+    listed = answer.extra["errors"]
+    assert 0 < len(listed) < MAX_ERRORS_LISTED
+    assert len(orjson.dumps(listed)) <= MAX_ERRORS_BYTES
+    assert listed == errors[: len(listed)]
+    assert answer.extra["error_count"] == 300
+    assert answer.detail == "300 of 300 tasks are invalid; nothing was accepted."
+
+
+def test_messages_are_cut_to_a_bounded_length() -> None:
+    errors = describe_errors(TASKS, [{}], {0: {"status": ["x" * 10_000]}})
+    assert errors[0]["message"] == "x" * (MAX_MESSAGE_CHARS - 1) + "…"
 
 
 def test_describe_errors_flattens_nested_and_sorts_by_index() -> None:
