@@ -20,8 +20,8 @@ import orjson
 from bench import workload
 from bench.context import Context
 from persistence.buffer import Buffer
-from persistence.durable import DurableBuffer
 from persistence.config import load_settings
+from persistence.durable import DurableBuffer
 from persistence.records import TASKS
 from persistence.service import PersistenceService
 

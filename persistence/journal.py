@@ -75,7 +75,7 @@ _KIND_CODES = {kind.name: kind.name[0].encode() for kind in RECORD_TYPES}
 _KINDS_BY_CODE = {kind.name[0].encode()[0]: kind for kind in RECORD_TYPES}
 # A frame longer than this is taken as a corrupt length field.
 MAX_FRAME = 1 << 30
-# After a failed recovery, appends are refused without trying again for this long.
+# After a failed recovery, appends are refused without trying again for this long (s).
 RECOVERY_PAUSE = 1.0
 # A half-built owner directory older than this belongs to a process that died building it.
 STALE_BUILD_SECONDS = 60.0
@@ -257,6 +257,8 @@ class Journal:
         self._on_disk: set[int] = set()  # numbers of this journal's segment files
         self._failed = False
         self._retry_at = 0.0
+        # Seconds between attempts to recover from a failure.
+        self.recovery_pause = RECOVERY_PAUSE
         self.fsyncs = 0
         self.failures = 0
 
@@ -533,9 +535,11 @@ class Journal:
             self._truncate(segment)
             fresh = self._new_segment()
         except OSError as exc:
-            self._retry_at = time.monotonic() + RECOVERY_PAUSE
+            self._retry_at = time.monotonic() + self.recovery_pause
             log.error(
-                "journal recovery failed (%s); trying again in %g s", _reason(exc), RECOVERY_PAUSE
+                "journal recovery failed (%s); trying again in %g s",
+                _reason(exc),
+                self.recovery_pause,
             )
             return False
         self._retire(segment)

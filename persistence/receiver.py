@@ -45,9 +45,11 @@ class Receiver:
         durable: DurableBuffer,
         wake_flusher: Callable[[], None],
         retry_after: Callable[[], int],
+        max_record_bytes: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.durable = durable
+        self._max_record_bytes = max_record_bytes
         self._wake_flusher = wake_flusher
         self._retry_after = retry_after
         self.schemas = {
@@ -68,6 +70,7 @@ class Receiver:
                 self.schemas[kind.name],
                 self.settings.buffer.max_batch_size,
                 self.loaders[kind.name],
+                max_record_bytes=self._max_record_bytes(),
             )
         except ApiError as exc:
             self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)

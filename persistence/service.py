@@ -44,7 +44,11 @@ class PersistenceService:
         self.flusher = Flusher(self.durable, self.store, buf, probe=self.health.refresh)
         self.runtime = WorkerRuntime(settings, self.durable, self.store, self.flusher, self.health)
         self.receiver = Receiver(
-            settings, self.durable, self.runtime.wake_flusher, self._retry_after
+            settings,
+            self.durable,
+            self.runtime.wake_flusher,
+            self._retry_after,
+            self.store.max_record_bytes,
         )
         self.overview = Overview(
             settings,

@@ -21,44 +21,13 @@ from persistence.flusher import Flusher, FlushFailed
 from persistence.journal import RecoveryReport, read_segment
 from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
 from persistence.service import PersistenceService
-from persistence.store import Store, StoreError, TransientError, UnclassifiedError
+from persistence.store import TransientError, UnclassifiedError
 from tests.conftest import Database, make_settings
 from tests.factories import new_session_id, session, task
+from tests.faults import FaultyStore, writes_to
 
 FLUSH_URL = "/api/v1/persistence/flush"
 STATS_URL = "/api/v1/persistence/stats"
-
-
-class FaultyStore(Store):
-    """A real store; ``fail_when(predicate, error)`` makes matching driver calls fail."""
-
-    def __init__(self, settings: Any) -> None:
-        super().__init__(settings)
-        self.rules: list[tuple[Callable[[str, tuple[Any, ...]], bool], Exception]] = []
-
-    def fail_when(
-        self, predicate: Callable[[str, tuple[Any, ...]], bool], error: Exception
-    ) -> None:
-        self.rules.append((predicate, error))
-
-    def _run(self, func: Any, *args: Any) -> Any:
-        name = getattr(func, "__name__", "")
-        for predicate, error in self.rules:
-            if predicate(name, args):
-                raise error if isinstance(error, StoreError) else self._translate(error)
-        return super()._run(func, *args)
-
-
-def writes_to(table: str, key: str | None = None) -> Callable[[str, tuple[Any, ...]], bool]:
-    """Matches the executemany of an upsert into ``table`` (holding ``key``, if given)."""
-
-    def match(name: str, args: tuple[Any, ...]) -> bool:
-        # DBUtils wraps the cursor's methods, so the call is known by its arguments.
-        if len(args) != 2 or not isinstance(args[0], str) or f"INTO {table} " not in args[0]:
-            return False
-        return key is None or any(row[0] == key for row in args[1])
-
-    return match
 
 
 @pytest.fixture

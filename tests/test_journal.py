@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from persistence.journal import (
     BATCH,
     RECOVERY_PAUSE,
     RESTORE,
-    FileSystem,
     Journal,
     JournalError,
     JournalUnavailable,
@@ -33,6 +30,7 @@ from persistence.records import TASKS
 from persistence.service import PersistenceService
 from tests.conftest import Database
 from tests.factories import new_session_id, session, task
+from tests.faults import FaultyFiles
 
 
 def stamped(records: list[dict], start: int = 1) -> list[dict]:
@@ -165,45 +163,6 @@ def test_rotation_waits_until_the_writers_of_the_closed_segment_are_done(tmp_pat
     assert rotated.wait(5)
     thread.join()
     journal.close()
-
-
-class FaultyFiles(FileSystem):
-    """The journal's file operations, failing once each time a fault is armed."""
-
-    def __init__(self) -> None:
-        self.armed: dict[str, OSError] = {}
-        self.calls: Counter[str] = Counter()
-        self.pause_dir_fsync: threading.Event | None = None
-
-    def arm(self, operation: str, code: int = errno.EIO) -> None:
-        self.armed[operation] = OSError(code, os.strerror(code))
-
-    def _check(self, operation: str) -> None:
-        self.calls[operation] += 1
-        error = self.armed.pop(operation, None)
-        if error is not None:
-            raise error
-
-    def write(self, fd: int, data: bytes) -> int:  # type: ignore[override]
-        self._check("write")
-        if self.armed.pop("short_write", None) is not None:
-            os.write(fd, bytes(data[: len(data) // 2]))  # half a frame reaches the file
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:  # type: ignore[override]
-        self._check("fsync")
-        os.fsync(fd)
-
-    def open_segment(self, path: Path) -> int:  # type: ignore[override]
-        self._check("open")
-        return FileSystem.open_segment(path)
-
-    def fsync_dir(self, path: Path) -> None:  # type: ignore[override]
-        if self.pause_dir_fsync is not None:
-            assert self.pause_dir_fsync.wait(10)
-        self._check("fsync_dir")
-        FileSystem.fsync_dir(path)
 
 
 def all_records(journal_dir: Path) -> list[str]:

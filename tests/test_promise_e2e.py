@@ -47,7 +47,9 @@ def test_a_flush_that_fails_after_writing_sessions_counts_them(
             0,
             2,
         )
-        assert mysql_db.count("translation_sessions") == 1
+        assert mysql_db.query(
+            "SELECT COUNT(*) FROM translation_sessions WHERE session_id = ?", sid
+        ) == [(1,)]
         performance = server.get(f"{API}/stats").json()["performance"]
         assert performance["total_sessions_written"] == 1
     finally:
@@ -101,3 +103,30 @@ def test_a_record_too_large_for_the_server_is_dead_lettered_and_blocks_nothing(
     assert health.status_code == 200, health.text
     buffer = health.json()["buffer"]
     assert (buffer["sessions_count"], buffer["tasks_count"]) == (0, 0)
+
+
+def test_a_record_larger_than_the_server_takes_is_refused_at_the_api(
+    start_server: Any, mysql_env: dict[str, str], mysql_db: Database
+) -> None:
+    """4.5 million quotes: 9 MB of JSON body, over 16 MiB once escaped into SQL."""
+    server = start_server(**QUIET, **mysql_env)
+    [(packet,)] = mysql_db.query("SELECT @@max_allowed_packet")
+    limit = int(packet) - 64 * 1024
+    sid = new_session_id()
+    bad = session(session_id=sid, metadata={"notes": '"' * 4_500_000})
+    body = orjson.dumps({"sessions": [session(), bad]})
+    assert len(body) < 10 * 1024 * 1024
+    answer = requests.post(
+        server.url + f"{API}/sessions/batch",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert answer.status_code == 422, answer.text
+    [error] = answer.json()["errors"]
+    assert (error["index"], error["session_id"]) == (1, sid)
+    assert "metadata" in error["message"]
+    assert f"{limit:,}" in error["message"]
+    stats = server.get(f"{API}/stats").json()
+    assert stats["database"]["max_record_bytes"] == limit
+    assert stats["buffer"]["sessions_count"] == 0  # nothing of the batch was kept
