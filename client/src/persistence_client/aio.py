@@ -12,7 +12,7 @@ from typing import Any, Self
 import httpx
 
 from persistence_client.base import BaseClient
-from persistence_client.core import Flush, PreparedRequest, Send, Wait
+from persistence_client.core import DEFECT_PAUSE, Flush, PreparedRequest, Send, Wait
 from persistence_client.outbox import SESSIONS, TASKS, Batch
 
 logger = logging.getLogger("persistence_client")
@@ -56,9 +56,11 @@ class PersistenceClient(BaseClient):
     async def flush_all(self, timeout: float | None = None) -> bool:
         """Send everything queued, then ask the service to write its buffer to the database.
 
-        Returns True when both happened within ``timeout`` seconds (default:
-        the client's ``timeout``), False otherwise; records not sent by then
-        stay queued and are still sent later.
+        Returns True when, within ``timeout`` seconds (default: the client's
+        ``timeout``), the service accepted every record still pending at the
+        call and answered its flush with 200. False otherwise: some of those
+        records were refused or given up (see ``stats``), the flush failed, or
+        time ran out; records not sent by then stay queued and are sent later.
         """
         if self._closed:
             return False
@@ -133,11 +135,6 @@ class PersistenceClient(BaseClient):
             raise RuntimeError(
                 "this PersistenceClient belongs to another event loop; build one per loop"
             )
-        if self._sender is not None and self._sender.done() and not self._sender.cancelled():
-            # Every failure is handled inside the loop; this is a defect, and records wait.
-            error = self._sender.exception()
-            logger.error("sender task ended unexpectedly; restarting it", exc_info=error)
-            self._sender = None
         if self._sender is None and not self._closed:
             self._sender = loop.create_task(self._run_sender(), name="persistence-client-sender")
 
@@ -146,17 +143,21 @@ class PersistenceClient(BaseClient):
         try:
             while True:
                 self._wake.clear()
-                step = core.next_step()
-                if isinstance(step, Send):
-                    await self._send(step.batch)
-                elif isinstance(step, Flush):
-                    await self._flush(step)
-                elif isinstance(step, Wait):
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(step.seconds):
-                            await self._wake.wait()
-                else:
-                    return
+                try:
+                    step = core.next_step()
+                    if isinstance(step, Send):
+                        await self._send(step.batch)
+                    elif isinstance(step, Flush):
+                        await self._flush(step)
+                    elif isinstance(step, Wait):
+                        await self._sleep(step.seconds)
+                    else:
+                        return
+                except Exception:
+                    # A defect, not a network failure (those are handled in each step): keep
+                    # the sender alive so that queued records are not silently stranded.
+                    logger.exception("sender step failed; going on in %s s", DEFECT_PAUSE)
+                    await self._sleep(DEFECT_PAUSE)
                 self._signal_progress()
         except asyncio.CancelledError:
             if not self._closed:
@@ -165,6 +166,12 @@ class PersistenceClient(BaseClient):
             raise
         finally:
             self._signal_progress()
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Sleep ``seconds`` (None: without limit), or less if woken."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     async def _send(self, batch: Batch) -> None:
         if batch.body is None and self.options.gzip:

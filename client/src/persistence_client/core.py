@@ -39,13 +39,17 @@ FLUSH_PATH = f"{API}/flush"
 # How many entries of a 422's ``errors`` list a log line names.
 _LOGGED_ERRORS = 5
 
+# Seconds a sender pauses after an unexpected exception in one of its steps.
+DEFECT_PAUSE = 1.0
+
 
 @dataclass
 class FlushTicket:
     """A ``flush_all`` call: send the records queued up to ``target_seq``, then flush the service.
 
     ``deadline`` (monotonic) bounds the service's flush request. The caller
-    waits for ``done``; ``ok`` says whether the service answered 200.
+    waits for ``done``; ``ok`` says whether every record up to ``target_seq``
+    was accepted by the service and the service's flush answered 200.
     """
 
     target_seq: int
@@ -54,6 +58,7 @@ class FlushTicket:
     abandoned: bool = False
     done: bool = False
     ok: bool = False
+    records_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,11 +226,7 @@ class ClientCore:
         with self._lock:
             self._closing = True
             given_up = self._give_up_all_locked("closed")
-        if given_up:
-            logger.warning(
-                "closed with %d records not delivered (counted in stats.given_up['closed'])",
-                given_up,
-            )
+        _log_given_up_at_close(given_up)
         return given_up
 
     def stats(self) -> ClientStats:
@@ -256,16 +257,13 @@ class ClientCore:
         with self._lock:
             head = self._head
             if self._closing and head is not None and head.not_before > self._close_deadline:
-                # Its next attempt would come after the close deadline: nothing more can land.
+                # Its next attempt would come after the close deadline: nothing more can land,
+                # so close need not wait for its deadline.
                 given_up = self._give_up_all_locked("closed")
                 step: Step = Stop()
             else:
                 step = self._next_step_locked(now)
-        if given_up:
-            logger.warning(
-                "closing: %d records given up, the service asked to wait past the close timeout",
-                given_up,
-            )
+        _log_given_up_at_close(given_up)
         return step
 
     def _next_step_locked(self, now: float) -> Step:
@@ -333,8 +331,9 @@ class ClientCore:
         else:
             cause = "error"
             logger.error("unexpected error sending %s", batch.kind, exc_info=error)
-        text = str(error) or type(error).__name__
-        self._schedule_retry(batch, cause, f"{type(error).__name__}: {text}", None)
+        # asyncio's TimeoutError carries no message of its own.
+        text = str(error) or ("no answer within the timeout" if cause == "timeout" else "")
+        self._schedule_retry(batch, cause, f"{type(error).__name__}: {text}".rstrip(": "), None)
 
     def finish_flush(self, ticket: FlushTicket, status: int, content: bytes) -> None:
         """Record the service's answer to a flush request."""
@@ -383,6 +382,7 @@ class ClientCore:
             if batch is not self._head:
                 return
             self._head = None
+            self._mark_lost_locked(batch.first_seq)
             c = self._counters
             c.refused += len(batch)
             c.refused_by_status[status] += len(batch)
@@ -411,6 +411,7 @@ class ClientCore:
             exhausted = options.max_retries is not None and batch.attempts > options.max_retries
             if exhausted:
                 self._head = None
+                self._mark_lost_locked(batch.first_seq)
                 c.given_up_by_reason["retries_exhausted"] += len(batch)
             else:
                 delay = backoff_delay(
@@ -445,7 +446,7 @@ class ClientCore:
 
     def _end_flush(self, ticket: FlushTicket, ok: bool) -> None:
         with self._lock:
-            ticket.done, ticket.ok = True, ok
+            ticket.done, ticket.ok = True, ok and not ticket.records_lost
             if ticket in self._tickets:
                 self._tickets.remove(ticket)
 
@@ -462,6 +463,12 @@ class ClientCore:
         self._tickets = [t for t in self._tickets if t.started]
         return count
 
+    def _mark_lost_locked(self, first_seq: int) -> None:
+        """Flushes waiting for records from ``first_seq`` on will report that some did not land."""
+        for ticket in self._tickets:
+            if ticket.target_seq >= first_seq:
+                ticket.records_lost = True
+
     def _pending_locked(self) -> int:
         return len(self._outbox) + (len(self._head) if self._head is not None else 0)
 
@@ -475,6 +482,14 @@ class ClientCore:
     def _time_left_locked(self, deadline: float) -> float:
         # A tiny floor keeps httpx from reading 0 as "no timeout".
         return max(0.001, min(self.options.timeout, deadline - time.monotonic()))
+
+
+def _log_given_up_at_close(count: int) -> None:
+    if count:
+        logger.warning(
+            "closed with %d records not delivered (counted in stats.given_up_by_reason['closed'])",
+            count,
+        )
 
 
 def _service_reason(status: int, content: bytes) -> tuple[str, tuple[Mapping[str, Any], ...]]:

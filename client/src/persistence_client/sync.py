@@ -12,7 +12,7 @@ from typing import Any, Self
 import httpx
 
 from persistence_client.base import BaseClient
-from persistence_client.core import Flush, PreparedRequest, Send, Wait
+from persistence_client.core import DEFECT_PAUSE, Flush, PreparedRequest, Send, Wait
 from persistence_client.outbox import SESSIONS, TASKS, Batch
 
 logger = logging.getLogger("persistence_client")
@@ -60,9 +60,11 @@ class SyncPersistenceClient(BaseClient):
     def flush_all(self, timeout: float | None = None) -> bool:
         """Send everything queued, then ask the service to write its buffer to the database.
 
-        Returns True when both happened within ``timeout`` seconds (default:
-        the client's ``timeout``), False otherwise; records not sent by then
-        stay queued and are still sent later.
+        Returns True when, within ``timeout`` seconds (default: the client's
+        ``timeout``), the service accepted every record still pending at the
+        call and answered its flush with 200. False otherwise: some of those
+        records were refused or given up (see ``stats``), the flush failed, or
+        time ran out; records not sent by then stay queued and are sent later.
         """
         if self._closed:
             return False
@@ -117,15 +119,21 @@ class SyncPersistenceClient(BaseClient):
         core = self._core
         while True:
             self._wake.clear()
-            step = core.next_step()
-            if isinstance(step, Send):
-                self._send(step.batch)
-            elif isinstance(step, Flush):
-                self._flush(step)
-            elif isinstance(step, Wait):
-                self._wake.wait(step.seconds)
-            else:
-                break
+            try:
+                step = core.next_step()
+                if isinstance(step, Send):
+                    self._send(step.batch)
+                elif isinstance(step, Flush):
+                    self._flush(step)
+                elif isinstance(step, Wait):
+                    self._wake.wait(step.seconds)
+                else:
+                    break
+            except Exception:
+                # A defect, not a network failure (those are handled in each step): keep
+                # the sender alive so that queued records are not silently stranded.
+                logger.exception("sender step failed; going on in %s s", DEFECT_PAUSE)
+                self._wake.wait(DEFECT_PAUSE)
             with self._progress:
                 self._progress.notify_all()
         with self._progress:
