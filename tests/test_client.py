@@ -51,9 +51,6 @@ from tests.gunicorn_server import REPO, Server, free_port, wait_for
 STATS_URL = "/api/v1/persistence/stats"
 SOURCE_TEXT = "The gate opens at dawn."  # every factory task's text: never in a client log
 
-mysql_e2e = [pytest.mark.mysql, pytest.mark.e2e]
-
-
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -134,7 +131,6 @@ def proxy_url(proxy: FaultProxy) -> str:
 
 @dataclass
 class Received:
-    method: str
     path: str
     headers: dict[str, str]
     body: bytes
@@ -173,9 +169,7 @@ def recorder() -> Iterator[Recorder]:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             with state.lock:
                 state.requests.append(
-                    Received(
-                        "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body
-                    )
+                    Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 )
                 scripted = state.script.pop(0) if state.script else None
             status, headers, payload = scripted or (200, {}, b'{"status":"accepted"}')
