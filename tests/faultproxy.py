@@ -1,9 +1,13 @@
-"""A TCP proxy on 127.0.0.1 that can cut or stall the link to a database server.
+"""A TCP proxy on 127.0.0.1 that can cut or stall the link to a server (a database, the service).
 
 Modes:
 - ``pass``: forward bytes both ways;
 - ``cut``: close every open connection and refuse new ones (accept, then close);
 - ``stall``: keep connections open but forward nothing (a database that hangs).
+
+``connections`` counts the connections forwarded so far; ``retarget`` sends new
+connections to another server (a restarted one on another port), as a load
+balancer in front of a service would.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class FaultProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.mode = "pass"
+        self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -32,6 +37,10 @@ class FaultProxy:
         self.mode = mode
         if mode == "cut":
             self._close_all()
+
+    def retarget(self, host: str, port: int) -> None:
+        """Forward connections accepted from now on to ``host:port``."""
+        self.target = (host, port)
 
     def close(self) -> None:
         self._running = False
@@ -62,6 +71,7 @@ class FaultProxy:
                 continue
             with self._lock:
                 self._open.update((client, upstream))
+                self.connections += 1
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
