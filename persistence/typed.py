@@ -130,12 +130,12 @@ class TypedDecoder:
             forbid_unknown_fields=True,
             gc=False,
         )
-        body_type = msgspec.defstruct(
+        self.body_type = msgspec.defstruct(
             f"{kind.plural.title()}Body",
             [(kind.plural, list[self.record_type])],  # type: ignore[name-defined]
             forbid_unknown_fields=True,
         )
-        self._decoder = msgspec.json.Decoder(body_type)
+        self._decoder = msgspec.json.Decoder(self.body_type)
         self._records = attrgetter(kind.plural)
         self._key = attrgetter(kind.key)
         self._encode = msgspec.json.Encoder().encode
