@@ -132,7 +132,7 @@ class TypedDecoder:
         )
         self.body_type = msgspec.defstruct(
             f"{kind.plural.title()}Body",
-            [(kind.plural, list[self.record_type])],  # type: ignore[name-defined]
+            [(kind.plural, list[self.record_type])],
             forbid_unknown_fields=True,
         )
         self._decoder = msgspec.json.Decoder(self.body_type)
@@ -203,7 +203,7 @@ def _translate(name: str, field: fields.Field) -> tuple[Any, list[Check]]:
         annotation = dict[str, Any]
         checks = [_json_check(values)]
     elif type(field) is fields.String:
-        annotation = Literal.__getitem__(_choices(name, field))  # type: ignore[attr-defined]
+        annotation = Literal.__getitem__(_choices(name, field))
     else:
         raise TypeError(f"field {name!r}: {type(field).__name__} is not translated")
     if field.allow_none:
