@@ -23,6 +23,8 @@ import statistics
 import time
 from typing import Any
 
+import orjson
+
 from bench import workload
 from bench.context import Context
 from bench.databases import raw_upsert, raw_upsert_timed, service_settings
@@ -75,7 +77,7 @@ def measure(ctx: Context, want_floor: bool, want_flush: bool) -> dict[str, Any]:
         if role != "flush":
             raw_upsert(ctx.db, name, session_sql, session_rows)
     if service is not None:
-        service.accept(SESSIONS, {"sessions": sessions})
+        service.accept(SESSIONS, orjson.dumps({"sessions": sessions}))
         service.flush()
 
     samples: dict[str, list[float]] = {}
@@ -179,7 +181,7 @@ def _timed_flush(service: PersistenceService, records: list[dict[str, Any]]) -> 
     """Buffer ``records`` through ``service.accept`` (not timed), then time one flush."""
     limit = service.settings.buffer.max_batch_size
     for start in range(0, len(records), limit):
-        service.accept(TASKS, {"tasks": records[start : start + limit]})
+        service.accept(TASKS, orjson.dumps({"tasks": records[start : start + limit]}))
     started = time.perf_counter()
     result = service.flush()
     seconds = time.perf_counter() - started

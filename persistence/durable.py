@@ -45,6 +45,8 @@ from persistence.records import (
     ORDER_COLUMN,
     RECORD_TYPES,
     ArrivalClock,
+    DictBatch,
+    EncodableBatch,
     Record,
     RecordType,
     encode,
@@ -114,17 +116,18 @@ class DurableBuffer:
 
     # --- intake ---------------------------------------------------------------------------
 
-    def add(self, kind: RecordType, records: list[Record]) -> int:
+    def add(self, kind: RecordType, records: list[Record] | EncodableBatch) -> int:
         """Stamp, admit, journal and buffer ``records`` (validated, in arrival order).
 
+        ``records`` are dicts (stamped in place) or a batch of the typed path,
+        which is stamped and encoded without building a dict per record.
         All or none: raises :class:`~persistence.buffer.BufferFull` or
         :class:`~persistence.journal.JournalError` with the buffer unchanged.
         Returns how many buffered records are ready to flush.
         """
-        for record, stamp in zip(records, self.clock.stamps(len(records)), strict=True):
-            record[ORDER_COLUMN] = stamp
-        encoded = [encode(record) for record in records]
-        keys = [record[kind.key] for record in records]
+        batch = DictBatch(kind, records) if isinstance(records, list) else records
+        encoded = batch.encode_stamped(self.clock.stamps(len(batch)))
+        keys = batch.keys()
         reservation = self.buffer.reserve(len(encoded), sum(map(len, encoded)))
         if self.journal is None:
             return self.buffer.add(kind, keys, encoded, reservation)

@@ -1,7 +1,11 @@
-"""Turning a request body into validated records: the envelope, the size, each record.
+"""The marshmallow path from a request body to validated records: the envelope, the size,
+each record.
 
-Knows nothing of Flask: it takes the decoded JSON body and raises
+Knows nothing of Flask: it parses the raw body with orjson (:func:`decode_json`),
+loads it with the schema (:func:`validate_batch`) and raises
 :mod:`persistence.errors` types, so a refused batch never reaches the buffer.
+It decides every body the typed path (:mod:`persistence.typed`) does not vouch
+for, and names every error of a refused one.
 
 A 422 answer stays small whatever was sent: it echoes at most the start of a
 record's key, never a value, and lists a bounded number of errors.
@@ -10,18 +14,14 @@ record's key, never a value, and lists a bounded number of errors.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import orjson
 from marshmallow import Schema, ValidationError
 
 from persistence.errors import BadRequest, InvalidRecords
-from persistence.fastpath import Loader
 from persistence.records import Record, RecordType
 from persistence.sqlsize import sizer_for
-
-log = logging.getLogger(__name__)
 
 # How many errors a 422 lists, and how many bytes of JSON they may take at most;
 # `error_count` and the count in `detail` are always complete.
@@ -69,14 +69,11 @@ def validate_batch(
     body: Any,
     schema: Schema,
     max_batch_size: int,
-    loader: Loader | None = None,
     *,
     max_record_bytes: int | None = None,
 ) -> list[Record]:
     """The records of a ``{"<kind.plural>": [...]}`` body, or an error naming what is wrong.
 
-    ``loader`` is the schema compiled by :func:`persistence.fastpath.compile_loader`:
-    it loads valid batches; marshmallow runs when it refuses, to report the errors.
     ``max_record_bytes`` (None: no limit) refuses a record whose row in the SQL
     statement that writes it (:mod:`persistence.sqlsize`) would be longer.
     Safe to call from any number of threads.
@@ -100,15 +97,11 @@ def validate_batch(
                 {"index": None, "field": name, "message": f"Longer than {max_batch_size} records."}
             ],
         )
-    records = loader(items) if loader is not None else None
-    if records is None:
-        try:
-            records = schema.load(items)
-        except ValidationError as exc:
-            errors = describe_errors(kind, items, exc.messages)
-            raise refusal(kind, len(items), "invalid", errors) from None
-        if loader is not None:
-            log.error("the compiled %s loader refused a batch that the schema accepts", kind.name)
+    try:
+        records = schema.load(items)
+    except ValidationError as exc:
+        errors = describe_errors(kind, items, exc.messages)
+        raise refusal(kind, len(items), "invalid", errors) from None
     if max_record_bytes is not None:
         check_record_bytes(kind, schema, items, records, max_record_bytes)
     return records

@@ -2,7 +2,8 @@
 
 Threading contract: :meth:`Receiver.accept` and :meth:`Receiver.count_refused`
 are called by request threads concurrently; the refusal counters have a lock
-of their own, and everything else is delegated to thread-safe objects.
+of their own, the decoders and schemas are immutable once built, and
+everything else is delegated to thread-safe objects.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from persistence.buffer import BufferFull
 from persistence.config import Settings
 from persistence.durable import DurableBuffer
 from persistence.errors import ApiError, ServiceUnavailable
-from persistence.fastpath import compile_loader
-from persistence.intake import validate_batch
+from persistence.intake import decode_json, validate_batch
 from persistence.journal import JournalError
-from persistence.records import SESSIONS, TASKS, RecordType
+from persistence.records import SESSIONS, TASKS, DictBatch, EncodableBatch, Record, RecordType
 from persistence.schemas import build_session_schema, build_task_schema
+from persistence.typed import TypedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -56,35 +57,36 @@ class Receiver:
             SESSIONS.name: build_session_schema(settings.validation.session_statuses),
             TASKS.name: build_task_schema(settings.validation.task_statuses),
         }
-        self.loaders = {name: compile_loader(schema) for name, schema in self.schemas.items()}
+        self.decoders = {
+            kind.name: TypedDecoder(kind, self.schemas[kind.name]) for kind in (SESSIONS, TASKS)
+        }
         self._refused: Counter[str] = Counter()
         self._refused_records: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def accept(self, kind: RecordType, body: Any) -> int:
-        """Validate a batch body and buffer its records, all or none; return the count."""
+    def accept(self, kind: RecordType, raw: bytes) -> int:
+        """Validate a raw JSON batch body and buffer its records, all or none; return the count.
+
+        The typed path (:mod:`persistence.typed`) decodes and checks a valid
+        body in one pass; when it cannot vouch for the body, orjson and the
+        marshmallow schema decide, and name every error of a refused one.
+        """
+        max_record_bytes = self._max_record_bytes()
+        batch: EncodableBatch | None = self.decoders[kind.name].decode(
+            raw, self.settings.buffer.max_batch_size, max_record_bytes
+        )
+        if batch is None:
+            batch = DictBatch(kind, self._validate(kind, raw, max_record_bytes))
         try:
-            records = validate_batch(
-                kind,
-                body,
-                self.schemas[kind.name],
-                self.settings.buffer.max_batch_size,
-                self.loaders[kind.name],
-                max_record_bytes=self._max_record_bytes(),
-            )
-        except ApiError as exc:
-            self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)
-            raise
-        try:
-            ready = self.durable.add(kind, records)
+            ready = self.durable.add(kind, batch)
         except BufferFull as exc:
-            self.count_refused("buffer_full", body, kind)
+            self._count("buffer_full", len(batch))
             raise ServiceUnavailable(
                 f"The buffer is full: {exc}; nothing of this batch was kept. Retry later.",
                 retry_after=self._retry_after(),
             ) from None
         except JournalError as exc:
-            self.count_refused("journal_error", body, kind)
+            self._count("journal_error", len(batch))
             log.error("batch refused: %s", exc)
             raise ServiceUnavailable(
                 f"The batch could not be made durable ({exc}); nothing of it was kept, "
@@ -93,14 +95,36 @@ class Receiver:
             ) from None
         if ready >= self.settings.buffer.max_buffer_size:
             self._wake_flusher()
-        return len(records)
+        return len(batch)
+
+    def _validate(self, kind: RecordType, raw: bytes, max_record_bytes: int | None) -> list[Record]:
+        """The records of ``raw`` loaded by marshmallow, or the 400/422 that refuses it."""
+        try:
+            body = decode_json(raw)
+        except ApiError:
+            self.count_refused("malformed")
+            raise
+        try:
+            return validate_batch(
+                kind,
+                body,
+                self.schemas[kind.name],
+                self.settings.buffer.max_batch_size,
+                max_record_bytes=max_record_bytes,
+            )
+        except ApiError as exc:
+            self.count_refused("invalid" if exc.status == 422 else "malformed", body, kind)
+            raise
 
     def count_refused(self, reason: str, body: Any = None, kind: RecordType | None = None) -> None:
-        """Count a refused batch, and its records when the body could be read."""
+        """Count a refused batch, and its records when the decoded body could be read."""
         items = body.get(kind.plural) if kind and isinstance(body, dict) else None
+        self._count(reason, len(items) if isinstance(items, list) else 0)
+
+    def _count(self, reason: str, records: int) -> None:
         with self._lock:
             self._refused[reason] += 1
-            self._refused_records[reason] += len(items) if isinstance(items, list) else 0
+            self._refused_records[reason] += records
 
     def refusals(self) -> dict[str, dict[str, int]]:
         """Refused batches and records by reason, every reason listed."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -94,6 +94,47 @@ def encode(record: Record) -> bytes:
     record) alive.
     """
     return bytes(memoryview(orjson.dumps(record)))
+
+
+class EncodableBatch(Protocol):
+    """Validated records of one type, in arrival order, ready to be stamped and encoded.
+
+    :meth:`persistence.durable.DurableBuffer.add` takes one; the typed path's
+    :class:`persistence.typed.TypedBatch` and :class:`DictBatch` are the two kinds.
+    """
+
+    def __len__(self) -> int: ...
+
+    def keys(self) -> list[str]:
+        """The records' primary keys, in order."""
+        ...
+
+    def encode_stamped(self, stamps: Iterable[int]) -> list[bytes]:
+        """Stamp each record (one stamp each, in order) and return their :func:`encode` form:
+        compact JSON with the stamp as the last key."""
+        ...
+
+
+class DictBatch:
+    """Records loaded as dicts (the marshmallow path, tests); stamped in place."""
+
+    __slots__ = ("_key", "records")
+
+    def __init__(self, kind: RecordType, records: list[Record]) -> None:
+        self.records = records
+        self._key = kind.key
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def keys(self) -> list[str]:
+        key = self._key
+        return [record[key] for record in self.records]
+
+    def encode_stamped(self, stamps: Iterable[int]) -> list[bytes]:
+        for record, stamp in zip(self.records, stamps, strict=True):
+            record[ORDER_COLUMN] = stamp
+        return [encode(record) for record in self.records]
 
 
 def stamp_of(data: bytes) -> int:

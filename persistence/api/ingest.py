@@ -7,7 +7,6 @@ from flask import Blueprint, Response, jsonify, request
 from persistence.api import service
 from persistence.errors import ApiError, PayloadTooLarge, UnsupportedMediaType
 from persistence.flusher import iso, utc_now
-from persistence.intake import decode_json
 from persistence.records import SESSIONS, TASKS, RecordType
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/v1/persistence")
@@ -28,7 +27,7 @@ def tasks_batch() -> Response:
 
 def _accept(kind: RecordType) -> Response:
     try:
-        body = decode_json(_json_body())
+        body = _json_body()
     except ApiError as exc:
         service().count_refused(_REASONS[exc.status])
         raise
