@@ -83,6 +83,8 @@ class PersistenceService:
         self._refused_lock = threading.Lock()
         self._wake_pending = threading.Event()
         self._started = time.monotonic()
+        self._shutdown_begun = threading.Lock()
+        self._shutdown_flush: threading.Thread | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -125,6 +127,25 @@ class PersistenceService:
         if counts["sessions"] + counts["tasks"]:
             self._wake_flusher()  # write what the journal brought back without waiting
 
+    def begin_shutdown(self) -> None:
+        """Start writing everything buffered now, on a thread of its own, and return.
+
+        Called as soon as the process is told to stop, while it still finishes the
+        requests in flight: the bulk of the buffer is written in parallel with them
+        instead of after them. :meth:`stop` waits for this flush, then writes what those
+        requests added. Idempotent and non-blocking (a lock taken without waiting, a
+        thread started). It starts a thread, so a signal handler should not call it
+        directly; gunicorn's worker calls it from its main loop right after the signal.
+        """
+        if not self._shutdown_begun.acquire(blocking=False):
+            return
+        log.info("stopping: writing the buffer now, while the requests in flight finish")
+        # A failure is logged by the flusher and leaves the records buffered for stop().
+        self._shutdown_flush = threading.Thread(
+            target=self.worker_flush, name="shutdown-flush", daemon=True
+        )
+        self._shutdown_flush.start()
+
     def stop(self) -> None:
         """Stop the threads, write everything buffered, close the journal and the pool."""
         if self.control is not None:
@@ -133,6 +154,8 @@ class PersistenceService:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
+        if self._shutdown_flush is not None:
+            self._shutdown_flush.join()
         journal = self.buffer.journal
         try:
             # In memory mode a task still waiting for its session has no later chance:
