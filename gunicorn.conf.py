@@ -16,10 +16,9 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
-from pathlib import Path
 
 from persistence.config import ConfigError, load_settings
+from persistence.control import create_control_directory
 
 try:
     _settings = load_settings()
@@ -39,14 +38,19 @@ errorlog = "-"
 control_socket_disable = True
 
 
-def _control_dir(master_pid):
-    # Private to one master: the workers of another instance on this host never meet.
-    return Path(tempfile.gettempdir()) / f"persistence-service-{master_pid}"
+def on_starting(server):
+    # One private directory per master for the workers' control sockets, kept on the
+    # arbiter: this file is read again on SIGHUP, the arbiter stays.
+    server.persistence_control_dir = create_control_directory(server.cfg.uid, server.cfg.gid)
+
+
+def post_fork(server, worker):
+    worker.control_dir = server.persistence_control_dir
 
 
 def post_worker_init(worker):
     service = worker.wsgi.extensions["persistence"]
-    service.start(control_dir=_control_dir(worker.ppid))
+    service.start(control_dir=worker.control_dir)
     worker.persistence_service = (os.getpid(), service)
     # gthread's quick exit on SIGINT/SIGQUIT raises SystemExit at an arbitrary point of
     # the main loop and can deadlock it, losing the buffer when the master kills the
@@ -65,4 +69,4 @@ def worker_exit(server, worker):
 
 
 def on_exit(server):
-    shutil.rmtree(_control_dir(server.pid), ignore_errors=True)
+    shutil.rmtree(server.persistence_control_dir, ignore_errors=True)
