@@ -60,7 +60,7 @@ from concurrent.futures import Future
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from gunicorn.http import errors as http_errors
@@ -74,7 +74,9 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from persistence.errors import BadRequest, RequestTimeout, envelope
 from persistence.http_connection import ClientSocket, RequestFraming, Verdict
-from persistence.service import PersistenceService
+
+if TYPE_CHECKING:
+    from persistence.service import PersistenceService
 
 # The most a non-blocking read of the main loop takes from one connection at a time.
 READ_STEP = 256 * 1024
