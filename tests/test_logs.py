@@ -70,5 +70,5 @@ def test_an_empty_log_file_setting_logs_to_stderr_only(
     logging.getLogger("persistence.test").warning("to stderr")
     assert "to stderr" in capsys.readouterr().err
     handlers = logging.getLogger("persistence").handlers
-    assert [type(h) for h in handlers] == [logging.StreamHandler]
+    assert not any(isinstance(h, logging.FileHandler) for h in handlers)
     assert list(tmp_path.iterdir()) == []
