@@ -133,7 +133,7 @@ def landed_tasks(db: Database) -> set[str]:
 def test_a_stalled_client_at_a_stop_costs_no_record_and_no_time(
     start_server: Any, mysql_env: dict[str, str], mysql_db: Database, sig: int
 ) -> None:
-    graceful_timeout = 20
+    graceful_timeout = 30
     server = start_server(
         BUFFER_FLUSH_INTERVAL="3600",
         BUFFER_MAX_SIZE="100000",
@@ -201,10 +201,10 @@ def test_sighup_does_not_kill_a_worker_whose_final_flush_outlasts_the_timeouts(
     mysql_server: MysqlServer,
 ) -> None:
     # The master reaps an old worker after graceful_timeout (2 s), then kills it once its
-    # heartbeat is older than --timeout (3 s). Its final flush here waits 8 s on a row lock.
+    # heartbeat is older than --timeout (5 s). Its final flush here waits 10 s on a row lock.
     server = start_server(
         "--timeout",
-        "3",
+        "5",
         BUFFER_FLUSH_INTERVAL="3600",
         BUFFER_MAX_SIZE="100000",
         BUFFER_HARD_LIMIT="200000",
@@ -221,7 +221,7 @@ def test_sighup_does_not_kill_a_worker_whose_final_flush_outlasts_the_timeouts(
 
     with row_locked(mysql_server, mysql_env["DB_DATABASE"], sid):
         server.process.send_signal(signal.SIGHUP)
-        time.sleep(8)
+        time.sleep(10)
         assert is_running(old_worker), server.output()
     assert wait_for(lambda: not is_running(old_worker), timeout=20), server.output()
 
