@@ -53,6 +53,7 @@ import errno
 import os
 import selectors
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -349,11 +350,25 @@ class PersistenceWorker(ThreadWorker):
             return 501, "The only transfer coding served is 'chunked'."
         if isinstance(exc, http_errors.ForbiddenProxyRequest):
             return 403, "Requests from this address are not allowed."
-        if isinstance(exc, (http_errors.InvalidChunkSize, http_errors.ChunkMissingTerminator)):
+        if isinstance(exc, ssl.SSLError):
+            return 400, "The TLS connection could not be set up."
+        if isinstance(
+            exc,
+            (
+                http_errors.InvalidChunkSize,
+                http_errors.ChunkMissingTerminator,
+                http_errors.InvalidChunkExtension,
+            ),
+        ):
             return 400, CHUNKED_BODY_DETAIL
         if isinstance(
             exc,
-            (http_errors.InvalidHeader, http_errors.InvalidHeaderName, http_errors.ObsoleteFolding),
+            (
+                http_errors.InvalidHeader,
+                http_errors.InvalidHeaderName,
+                http_errors.ObsoleteFolding,
+                http_errors.InvalidSchemeHeaders,
+            ),
         ):
             return 400, (
                 "A request header is malformed, or repeated where only one is allowed "

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from persistence.config import ConfigError
-from persistence.http_connection import RequestFraming, Verdict
+from persistence.http_connection import ClientSocket, RequestFraming, Verdict
 from tests.conftest import Database, MysqlServer, make_settings
 from tests.factories import new_session_id, session, task
 from tests.gunicorn_server import API, Server, wait_for
@@ -541,6 +541,26 @@ def test_framing_notes_an_expected_100_continue_until_the_body_is_there() -> Non
     frame = framing()
     assert frame.check(old_client) is Verdict.WAIT
     assert not frame.continue_expected  # RFC 9110: ignored from an HTTP/1.0 client
+
+
+def test_a_client_socket_serves_what_was_read_ahead_before_the_socket() -> None:
+    ours, theirs = socket.socketpair()
+    with closing(ClientSocket.adopt(ours, read_timeout=0.2)) as sock, closing(theirs):
+        assert sock.receive_available(1024)  # nothing yet, still connected
+        theirs.sendall(b"GET / HTTP/1.1\r\n")
+        assert sock.receive_available(1024)
+        assert sock.pending == b"GET / HTTP/1.1\r\n"
+        sock.setblocking(True)  # what gunicorn asks for: blocking, but within read_timeout
+        assert sock.gettimeout() == 0.2
+        assert sock.recv(4) == b"GET "
+        sock.unread(b"HEAD")
+        assert sock.recv(100) == b"HEAD/ HTTP/1.1\r\n"
+        with pytest.raises(TimeoutError):
+            sock.recv(100)  # nothing read ahead, nothing arriving
+        theirs.sendall(b"Host: t\r\n")
+        assert sock.recv(100) == b"Host: t\r\n"
+        theirs.close()
+        assert not sock.receive_available(1024)  # the peer is gone
 
 
 def test_graceful_timeout_must_leave_room_after_the_request_timeout(tmp_path: Any) -> None:
