@@ -3,23 +3,31 @@
 Run: ``gunicorn -c gunicorn.conf.py wsgi:app``. Options given on the command
 line (``-b``, ``--threads`` ...) still win over the values set here.
 
-The scheduler, the connection pool, the journal and the control socket are
-started in each worker after the fork (``post_worker_init``), never in the
-master, and stopped in ``worker_exit``, which runs on SIGTERM, SIGINT and
-SIGQUIT (all three are graceful here): it stops the scheduler, writes
-everything buffered and closes the pool. With several workers, each has its
-own buffer; the control sockets let any of them answer ``POST /flush`` and
+The worker class is the service's own gthread worker
+(:mod:`persistence.http_worker`): it reads requests whole before a thread
+takes them, answers only JSON, and starts the final flush as soon as it is
+told to stop. The scheduler, the connection pool, the journal and the
+control socket are started in each worker after the fork
+(``post_worker_init``), never in the master, and stopped in ``worker_exit``:
+it waits for the flush begun at the stop signal, writes what the last
+requests added, and closes the pool. With several workers, each has its own
+buffer; the control sockets let any of them answer ``POST /flush`` and
 ``/stats`` for all (docs/ARCHITECTURE.md).
+
+Timeouts (docs/DEPLOYMENT.md): the master kills a worker that has not exited
+``graceful_timeout`` seconds after SIGTERM, SIGINT or SIGQUIT, so the final
+flush must fit in it; requests still arriving take at most
+``service.request_timeout`` of it. On SIGHUP and SIGTTOU the master waits for
+the old worker's heartbeat instead, which the worker keeps alive until its
+final flush is done.
 """
 
-import os
 import shutil
-import signal
 import sys
-import tempfile
-from pathlib import Path
 
 from persistence.config import ConfigError, load_settings
+from persistence.control import create_control_directory
+from persistence.http_worker import PersistenceWorker
 
 try:
     _settings = load_settings()
@@ -28,7 +36,7 @@ except ConfigError as _exc:
 
 bind = f"{_settings.service.host}:{_settings.service.port}"
 workers = _settings.service.workers
-worker_class = "gthread"
+worker_class = "persistence.http_worker.PersistenceWorker"
 threads = _settings.service.threads
 reload = _settings.service.reload
 loglevel = _settings.service.log_level.lower()
@@ -39,30 +47,32 @@ errorlog = "-"
 control_socket_disable = True
 
 
-def _control_dir(master_pid):
-    # Private to one master: the workers of another instance on this host never meet.
-    return Path(tempfile.gettempdir()) / f"persistence-service-{master_pid}"
+def on_starting(server):
+    # One private directory per master for the workers' control sockets, kept on the
+    # arbiter: this file is read again on SIGHUP, the arbiter stays.
+    server.persistence_control_dir = create_control_directory(server.cfg.uid, server.cfg.gid)
+
+
+def post_fork(server, worker):
+    worker.control_dir = server.persistence_control_dir
 
 
 def post_worker_init(worker):
-    service = worker.wsgi.extensions["persistence"]
-    service.start(control_dir=_control_dir(worker.ppid))
-    worker.persistence_service = (os.getpid(), service)
-    # gthread's quick exit on SIGINT/SIGQUIT raises SystemExit at an arbitrary point of
-    # the main loop and can deadlock it, losing the buffer when the master kills the
-    # worker. Treat them like SIGTERM: finish the requests, then worker_exit flushes.
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, worker.handle_exit)
-        signal.siginterrupt(sig, False)
+    if not isinstance(worker, PersistenceWorker):
+        raise RuntimeError(
+            f"worker class {type(worker).__name__}: the service needs "
+            "persistence.http_worker.PersistenceWorker (do not pass -k/--worker-class)"
+        )
+    worker.service.start(control_dir=worker.control_dir)
+    worker.service_started = True
 
 
 def worker_exit(server, worker):
     # The master calls this hook too when it reaps a worker; only the worker itself
-    # holds the buffer.
-    owner = getattr(worker, "persistence_service", None)
-    if owner is not None and owner[0] == os.getpid():
-        owner[1].stop()
+    # started a service (the flag is set after the fork, in the worker's memory).
+    if getattr(worker, "service_started", False):
+        worker.service.stop()
 
 
 def on_exit(server):
-    shutil.rmtree(_control_dir(server.pid), ignore_errors=True)
+    shutil.rmtree(server.persistence_control_dir, ignore_errors=True)

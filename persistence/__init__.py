@@ -31,6 +31,10 @@ def create_app(config: Settings | Mapping[str, Mapping[str, Any]] | None = None)
     logs.configure_logging(settings.logging)
 
     app = Flask(__name__)
+    # Werkzeug answers "/api//v1/..." and a missing trailing slash with an HTML redirect
+    # that no error handler sees; a path is served as written, or 404 in JSON.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
     app.json = OrjsonProvider(app)
     # One byte more than allowed: the ingest blueprint reads a chunked body that far,
     # which tells a body over the limit (413) from one exactly at it.

@@ -88,6 +88,7 @@ class ServiceSettings:
     reload: bool = _setting(False, "SERVICE_RELOAD")
     log_level: str = _setting("INFO", "SERVICE_LOG_LEVEL", _one_of(*LOG_LEVELS), str.upper)
     graceful_timeout: int = _setting(30, "SERVICE_GRACEFUL_TIMEOUT", _between(1, 3600))
+    request_timeout: float = _setting(5.0, "SERVICE_REQUEST_TIMEOUT", _between(0.5, 600))
     max_request_bytes: int = _setting(
         10 * 1024 * 1024, "SERVICE_MAX_REQUEST_BYTES", _between(1024, 1024**3)
     )
@@ -347,6 +348,13 @@ def _check_cross_field(settings: Settings) -> None:
             f"buffer.hard_limit_bytes = {buf.hard_limit_bytes}: must be at least "
             f"service.max_request_bytes ({settings.service.max_request_bytes}), "
             "or the largest request allowed could never be accepted"
+        )
+    service = settings.service
+    if service.graceful_timeout <= service.request_timeout:
+        raise ConfigError(
+            f"service.graceful_timeout = {service.graceful_timeout}: must be greater than "
+            f"service.request_timeout ({service.request_timeout}), or a request still "
+            "arriving at a stop would use up the time of the final flush"
         )
     if buf.retry_backoff_max < buf.retry_backoff_initial:
         raise ConfigError(

@@ -2,6 +2,9 @@
 
 Every error, including 404, 405 and unexpected 500s, answers
 ``{"detail": "<a sentence>", ...}`` with a JSON content type; never HTML.
+The HTTP worker (:mod:`persistence.http_worker`) writes the same envelope
+for the errors it answers itself: gunicorn's protocol errors, requests that
+stop arriving (408), and malformed chunked bodies.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ class BadRequest(ApiError):
     status = 400
 
 
+class RequestTimeout(ApiError):
+    """408: the request (its body) stopped arriving; the connection is closed."""
+
+    status = 408
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 
@@ -56,11 +65,16 @@ class ServiceUnavailable(ApiError):
         )
 
 
+def envelope(detail: str, **extra: Any) -> dict[str, Any]:
+    """The body of every error answer, also of those the HTTP worker writes itself."""
+    return {"detail": detail, **extra}
+
+
 def error_response(
     code: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
     """The JSON error envelope, with HTTP status ``code``."""
-    response = jsonify({"detail": detail, **extra})
+    response = jsonify(envelope(detail, **extra))
     response.status_code = code
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -140,6 +140,8 @@ class WorkerRuntime:
         """Start writing the buffer now, while in-flight requests finish (idempotent).
 
         :meth:`stop` waits for this flush, then writes what those requests added.
+        It takes a lock and starts a thread, so call it from the worker's main loop
+        right after the stop signal, not from inside a signal handler.
         """
         with self._lock:
             if self._early_flush is not None:

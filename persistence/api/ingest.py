@@ -11,8 +11,9 @@ from persistence.records import SESSIONS, TASKS, RecordType
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/v1/persistence")
 
-# The /stats "refused" counter of each refusal that happens before validation.
-_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
+# The /stats "refused" counter of each refusal that happens before validation. A body
+# that stopped arriving (408) was not a batch that could be read: it counts as malformed.
+_REASONS = {400: "malformed", 408: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
 
 @bp.post("/sessions/batch")
