@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format init-db bench clean
+.PHONY: run test lint format init-db bench container-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ $(BIN)/.bench-installed: $(BIN)/.installed requirements-bench.txt
 
 bench: $(BIN)/.bench-installed  ## run the benchmark against MariaDB (see docs/PERFORMANCE.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Builds the Dockerfile with podman and runs the image against SQLite, MariaDB on
+# 127.0.0.1:3306 and docker-compose.yml (needs root, Debian, several minutes). It
+# clones this checkout: only committed changes are built. Not part of `make test`.
+CONTAINER_CHECK ?= ../shared/tools/container-check.sh
+
+container-check:  ## build and run the container image with podman (see docs/DEPLOYMENT.md)
+	SRC=$(CURDIR) bash $(CONTAINER_CHECK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from persistence.config import Settings, describe
 from persistence.control import ControlServer, Handler
+from persistence.datadir import require_writable
 from persistence.durable import DurableBuffer
 from persistence.flusher import Flusher, FlushFailed
 from persistence.health import HealthMonitor
@@ -71,6 +72,7 @@ class WorkerRuntime:
             buf.durability,
             self.settings.source,
         )
+        require_writable(self.settings)
         if buf.durability == "journal":
             self.durable.open_journal(buf.journal_dir)
         self._prepare_database()

@@ -1,9 +1,11 @@
 """What can be checked of the packaging without a Docker engine or systemd.
 
-Dockerfile, .dockerignore, docker-compose.yml, the systemd unit, the nginx
-sample and README.md's configuration table, each checked against the code it
-describes (persistence/config.py, config.yaml). The Dockerfile's HEALTHCHECK
-command is run for real against a small HTTP server on 127.0.0.1.
+Dockerfile, .dockerignore, docker-compose.yml and docker-compose.proxy.yml,
+the Makefile's container target, the systemd unit, the nginx sample and
+README.md's configuration table, each checked against the code it describes
+(persistence/config.py, persistence/datadir.py, config.yaml). The
+Dockerfile's HEALTHCHECK command is run for real against a small HTTP server
+on 127.0.0.1. The image itself is built and run by ``make container-check``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pytest
 import yaml
 
 from persistence.config import Settings, load_settings
+from persistence.datadir import data_directories
+from persistence.healthcheck import DEFAULT_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_FILES = {"persistence", "schedules", "wsgi.py", "gunicorn.conf.py", "config.yaml"}
@@ -101,13 +105,29 @@ def exec_form(arguments: str) -> list[str]:
     return argv
 
 
-def healthcheck_argv() -> list[str]:
+def healthcheck() -> tuple[dict[str, str], list[str]]:
+    """The HEALTHCHECK's options (``{"timeout": "5s", ...}``) and its command as argv."""
     checks = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
     assert len(checks) == 1, "the final stage needs exactly one HEALTHCHECK"
     options, marker, command = checks[0].partition("CMD ")
     assert marker, f"HEALTHCHECK without CMD: {checks[0]}"
     assert "NONE" not in options.upper()
-    return exec_form(command)
+    command = command.strip()
+    # The shell form runs as /bin/sh -c "<command>", as the engine runs it.
+    argv = exec_form(command) if command.startswith("[") else ["/bin/sh", "-c", command]
+    return dict(re.findall(r"--([a-z-]+)=(\S+)", options)), argv
+
+
+def image_environment() -> dict[str, str]:
+    """The variables the final stage's ENV instructions set, as the image has them."""
+    env: dict[str, str] = {}
+    for word, rest in final_stage():
+        if word == "ENV":
+            for item in shlex.split(rest):
+                name, equals, value = item.partition("=")
+                assert equals, f"ENV {rest}: use NAME=value"
+                env[name] = value
+    return env
 
 
 def copy_sources() -> list[str]:
@@ -147,8 +167,34 @@ def dockerignored(path: str) -> bool:
     return excluded
 
 
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+class ComposeTag:
+    """A value marked with a Compose merge tag (``!reset``, ``!override``)."""
+
+    def __init__(self, tag: str, value: Any) -> None:
+        self.tag = tag
+        self.value = value
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML as Docker Compose reads it: the merge tags are kept, not refused."""
+
+
+def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> ComposeTag:
+    if isinstance(node, yaml.SequenceNode):
+        value: Any = loader.construct_sequence(node, deep=True)
+    elif isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)  # type: ignore[arg-type]
+    return ComposeTag(node.tag, value)
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _tagged)
+
+
+def compose(name: str = "docker-compose.yml") -> dict[str, Any]:
+    data = yaml.load((ROOT / name).read_text(encoding="utf-8"), Loader=_ComposeLoader)
     assert isinstance(data, dict)
     assert isinstance(data.get("services"), dict)
     return data
@@ -293,11 +339,34 @@ def test_dockerfile_runs_as_a_user_it_creates() -> None:
 
 def test_dockerfile_runtime_settings() -> None:
     stage = final_stage()
-    env = " ".join(rest for word, rest in stage if word == "ENV")
-    assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
+    env = image_environment()
+    assert env["PYTHONUNBUFFERED"] == "1"
     assert [rest for word, rest in stage if word == "WORKDIR"][-1] == "/app"
     exposed = {rest.split("/")[0] for word, rest in stage if word == "EXPOSE"}
     assert exposed == {str(shipped_settings().service.port)}
+    assert [rest for word, rest in stage if word == "STOPSIGNAL"] == ["SIGTERM"]
+
+
+def test_image_logs_to_stderr_only() -> None:
+    # The image's environment, read by the service's own settings: no log file in the
+    # container's writable layer (nor a crash under --read-only).
+    env = {k: v for k, v in image_environment().items() if k in env_names()}
+    assert shipped_settings().logging.file, "config.yaml is expected to name a log file"
+    assert shipped_settings(env).logging.file == ""
+
+
+def test_image_writes_nothing_outside_volumes_and_tmpfs() -> None:
+    env = image_environment()
+    # gunicorn's heartbeat files and the control sockets go to the temporary directory.
+    assert env.get("TMPDIR") == "/dev/shm"
+    # No bytecode next to the code at run time: it is compiled into the image.
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
+    runs = " ".join(rest for word, rest in final_stage() if word == "RUN")
+    compiled = re.search(r"-m compileall\b([^&;]*)", runs)
+    assert compiled, "the final stage does not compile the code's bytecode"
+    targets = set(shlex.split(compiled.group(1)))
+    imported = {path for path in RUNTIME_FILES if path.endswith(".py") or "." not in path}
+    assert imported - {"gunicorn.conf.py"} <= targets
 
 
 def test_dockerfile_copies_existing_runtime_files_only() -> None:
@@ -327,7 +396,8 @@ def test_dockerfile_installs_requirements_in_a_venv_in_a_builder_stage() -> None
 
 
 def test_dockerignore_keeps_development_files_out() -> None:
-    for path in (".venv", ".git", "tests", "data", "logs", "persistence/__pycache__"):
+    development = (".venv", ".git", "tests", "data", "logs", "persistence/__pycache__")
+    for path in (*development, "docker-compose.yml", "docker-compose.proxy.yml", ".env"):
         assert dockerignored(path), f"{path} would be sent to the Docker daemon"
 
 
@@ -373,12 +443,17 @@ def health_server() -> Iterator[_StatusServer]:
         thread.join(timeout=5)
 
 
-def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
-    argv = healthcheck_argv()
-    assert argv[0] in ("python", "python3"), "the slim image has no curl; use python"
+def run_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's HEALTHCHECK command, run in the repository as in /app."""
+    _, argv = healthcheck()
+    if argv[0] in ("python", "python3"):
+        argv = [sys.executable, *argv[1:]]
+    # The image has python on its PATH and no curl; here `python` is this interpreter.
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     return subprocess.run(
-        [sys.executable, *argv[1:]],
-        env={"SERVICE_PORT": str(port), "PATH": "/usr/bin:/bin"},
+        argv,
+        cwd=ROOT,
+        env={"PATH": path, **env},
         capture_output=True,
         text=True,
         timeout=30,
@@ -387,26 +462,39 @@ def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_healthcheck_command_passes_on_200_and_fails_on_503(health_server: _StatusServer) -> None:
-    port = health_server.server_address[1]
-    healthy = run_healthcheck(port)
-    assert healthy.returncode == 0, healthy.stderr
-    unhealthy = run_healthcheck(port)
-    assert unhealthy.returncode == 1, unhealthy.stderr
+    port = str(health_server.server_address[1])
+    healthy = run_healthcheck(SERVICE_PORT=port)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    unhealthy = run_healthcheck(SERVICE_PORT=port)
+    assert unhealthy.returncode == 1, unhealthy.stdout + unhealthy.stderr
+    assert "Traceback" not in unhealthy.stdout + unhealthy.stderr
     assert health_server.paths == ["/health", "/health"]
+
+
+def test_healthcheck_command_probes_the_port_of_a_config_file(
+    health_server: _StatusServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"service:\n  port: {health_server.server_address[1]}\n")
+    healthy = run_healthcheck(PERSISTENCE_CONFIG=str(config))
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert health_server.paths == ["/health"]
 
 
 def test_healthcheck_command_fails_when_nothing_listens() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    assert run_healthcheck(port).returncode == 1
+    assert run_healthcheck(SERVICE_PORT=str(port)).returncode == 1
 
 
-def test_healthcheck_defaults_to_the_service_port() -> None:
-    snippet = " ".join(healthcheck_argv())
-    assert "127.0.0.1" in snippet
-    assert "/health" in snippet
-    assert f"'{shipped_settings().service.port}'" in snippet
+def test_healthcheck_gives_up_before_the_engine_kills_it() -> None:
+    options, argv = healthcheck()
+    assert "persistence.healthcheck" in " ".join(argv)
+    # The probe's own timeout, plus starting Python, must fit in the engine's.
+    engine_timeout = seconds(options.get("timeout", "30s"), COMPOSE_UNITS)
+    assert engine_timeout >= DEFAULT_TIMEOUT + 1
+    assert seconds(options.get("interval", "30s"), COMPOSE_UNITS) > engine_timeout
 
 
 # --- docker-compose.yml --------------------------------------------------------------------
@@ -440,16 +528,27 @@ def test_compose_service_waits_for_a_healthy_mysql_and_uses_it() -> None:
     )
 
 
-def test_compose_journal_lives_on_a_volume() -> None:
+def volume_targets(service: dict[str, Any]) -> list[Path]:
+    return [Path(str(v).split(":")[1]) for v in service.get("volumes", []) if ":" in str(v)]
+
+
+def test_compose_service_is_read_only_but_where_its_volumes_are() -> None:
     service = compose_service()
-    settings = shipped_settings(compose_environment(service))
-    if settings.buffer.durability != "journal":
-        pytest.skip("the compose service keeps its buffer in memory")
-    journal = Path("/app", settings.buffer.journal_dir)
-    targets = [Path(str(v).split(":")[1]) for v in service.get("volumes", []) if ":" in str(v)]
-    assert any(journal == t or t in journal.parents for t in targets), (
-        f"{journal} is not on a volume: the journal would go away with the container"
-    )
+    # The name the docs, the proxy overlay and the logs (<project>_persistence_1) use.
+    assert "build" in compose()["services"]["persistence"]
+    assert service.get("read_only") is True
+    image_env = {k: v for k, v in image_environment().items() if k in env_names()}
+    settings = shipped_settings({**image_env, **compose_environment(service)})
+    assert settings.logging.file == ""
+    written = data_directories(settings)
+    assert written, "the compose service is expected to keep a journal"
+    targets = volume_targets(service)
+    for setting, directory in written:
+        path = Path("/app", directory)
+        assert any(path == t or t in path.parents for t in targets), (
+            f"{path} ({setting}) is not on a volume: it is read-only, and would go away "
+            "with the container"
+        )
 
 
 def test_compose_mysql_image_is_pinned_to_a_patch_release() -> None:
@@ -465,6 +564,77 @@ def test_compose_stop_grace_period_exceeds_graceful_timeout() -> None:
     grace = seconds(service["stop_grace_period"], COMPOSE_UNITS)
     graceful = shipped_settings(compose_environment(service)).service.graceful_timeout
     assert grace > graceful
+
+
+# --- docker-compose.proxy.yml: nginx in front ----------------------------------------------
+
+
+def nginx_directives(name: str) -> list[str]:
+    text = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
+    return re.findall(rf"^\s*{name}\s+([^;{{]+);", text, re.MULTILINE)
+
+
+def test_proxy_overlay_publishes_nginx_with_the_sample_config() -> None:
+    services = compose("docker-compose.proxy.yml")["services"]
+    proxy = services["proxy"]
+    assert "build" not in proxy
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+", proxy["image"]), proxy["image"]
+    mounts = [str(v).split(":") for v in proxy.get("volumes", [])]
+    [(source, target, mode)] = [m for m in mounts if m[0].endswith("nginx.conf")]
+    # Paths of a second compose file are relative to the first one's directory.
+    assert (ROOT / source).resolve() == ROOT / "deploy" / "nginx.conf"
+    assert target == "/etc/nginx/conf.d/default.conf"
+    assert mode == "ro"
+    [listen] = nginx_directives("listen")
+    assert proxy.get("ports") == [f"8001:{listen.split()[0]}"]
+
+
+def test_proxy_overlay_leaves_gunicorn_to_nginx_alone() -> None:
+    service = compose("docker-compose.proxy.yml")["services"]["persistence"]
+    assert service.get("network_mode") == "service:proxy"
+    ports = service.get("ports")
+    assert isinstance(ports, ComposeTag), "gunicorn's own port stays published"
+    assert ports.tag == "!reset"
+    depends = service.get("depends_on") or {}
+    assert depends.get("proxy", {}).get("restart") is True
+    # The sample's upstream is where the service listens with both files' environment.
+    base = compose_service()
+    env = {**compose_environment(base), **compose_environment(service)}
+    settings = shipped_settings(env).service
+    [upstream] = nginx_directives("server")
+    assert upstream.split()[0] == f"{settings.host}:{settings.port}"
+    assert settings.host == "127.0.0.1", "gunicorn would be reachable around nginx"
+
+
+# --- Makefile ------------------------------------------------------------------------------
+
+
+def make_rules() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The Makefile's ``NAME ?= value`` variables and each target's recipe lines."""
+    variables: dict[str, str] = {}
+    recipes: dict[str, list[str]] = {}
+    target = None
+    for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines():
+        if line.startswith("\t") and target:
+            recipes[target].append(line.strip())
+            continue
+        target = None
+        if match := re.match(r"([A-Z_]+)\s*\?=\s*(.*)$", line):
+            variables[match.group(1)] = match.group(2).strip()
+        elif match := re.match(r"([a-z][\w.-]*)\s*:(?!=)", line):
+            target = match.group(1)
+            recipes[target] = [line]
+    return variables, recipes
+
+
+def test_make_container_check_runs_the_shared_script_on_this_checkout() -> None:
+    variables, recipes = make_rules()
+    assert variables["CONTAINER_CHECK"] == "../shared/tools/container-check.sh"
+    recipe = " ".join(recipes["container-check"][1:])
+    assert "SRC=$(CURDIR)" in recipe
+    assert "$(CONTAINER_CHECK)" in recipe
+    # Not part of the test suite: it needs root, podman and minutes.
+    assert "container" not in " ".join(recipes["test"])
 
 
 # --- systemd unit and nginx ----------------------------------------------------------------
