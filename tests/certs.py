@@ -69,6 +69,23 @@ def make_ca(directory: Path, name: str) -> KeyPair:
     return pair
 
 
+def make_self_signed(directory: Path, name: str, alt_names: str) -> KeyPair:
+    """A self-signed server certificate for ``alt_names`` (e.g. ``IP:127.0.0.1``), its own
+    trust anchor."""
+    pair = KeyPair(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    _run(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-days", "2", "-subj", f"/CN=persistence test {name}",
+        "-keyout", str(pair.key), "-out", str(pair.cert),
+        "-addext", f"subjectAltName={alt_names}",
+        "-addext", "basicConstraints=critical,CA:FALSE",
+        "-addext", "keyUsage=critical,digitalSignature",
+        "-addext", "extendedKeyUsage=serverAuth",
+        cwd=directory,
+    )  # fmt: skip
+    return pair
+
+
 def make_leaf(
     directory: Path, name: str, ca: KeyPair, *, alt_names: str = "", client: bool = False
 ) -> KeyPair:
