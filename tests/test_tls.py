@@ -53,14 +53,19 @@ class TlsDatabase:
     def certs(self) -> CertSet:
         return self.server.certs
 
-    def count(self, table: str) -> int:
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` run in the database as root, over the server's socket."""
         conn = self.server.admin()
         try:
             with conn.cursor() as cur:
-                cur.execute(f"SELECT COUNT(*) FROM `{self.name}`.{table}")
-                return int(cur.fetchone()[0])
+                cur.execute(f"USE `{self.name}`")
+                cur.execute(sql)
+                return list(cur.fetchall())
         finally:
             conn.close()
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
 
 @pytest.fixture(scope="session")
@@ -369,6 +374,43 @@ def test_without_a_ca_health_tells_the_truth_about_unverified_tls(
     )
     assert tls["version"] in ("TLSv1.2", "TLSv1.3")
     assert tls["cipher"]
+
+
+# --- the least privilege --------------------------------------------------------------------
+
+
+@pytest.mark.mysql
+def test_init_db_over_tls_then_an_account_that_may_only_write(
+    tls_app: Callable[..., Flask], tls_database: TlsDatabase
+) -> None:
+    db = tls_database
+    ca = str(db.certs.ca.cert)
+    # init-db, over verified TLS too, with the account of the documented grants.
+    result = tls_app(database_settings(db, ssl_ca=ca)).test_cli_runner().invoke(args=["init-db"])
+    assert result.exit_code == 0, result.output
+    assert f"Tables ready in mysql {APP_USER}@127.0.0.1:{db.server.port}/{db.name}, " in (
+        result.output
+    )
+    # Then the service runs with SELECT, INSERT and UPDATE only (docs/DEPLOYMENT.md).
+    password = secrets.token_hex(12)
+    db.server.execute(
+        f"CREATE USER IF NOT EXISTS 'pst_writer'@'%' IDENTIFIED BY '{password}'",
+        f"GRANT SELECT, INSERT, UPDATE ON `{db.name}`.* TO 'pst_writer'@'%'",
+    )
+    writer = database_settings(db, ssl_ca=ca, user="pst_writer", password=password)
+    app = tls_app({**writer, "create_tables": False})
+    client = app.test_client()
+    sid = new_session_id()
+    sessions = {"sessions": [session(session_id=sid)]}
+    assert client.post(f"{API}/sessions/batch", json=sessions).status_code == 200
+    orphan = task(new_session_id())  # its session never comes: a dead letter at the end
+    tasks = {"tasks": [task(sid), task(sid), orphan]}
+    assert client.post(f"{API}/tasks/batch", json=tasks).status_code == 200
+    assert client.post(f"{API}/flush").get_json()["tasks_written"] == 2
+    result = app.extensions["persistence"].flusher.flush_once(final=True)
+    assert result.dead_lettered == 1
+    letters = db.query("SELECT record_key FROM persistence_dead_letters")
+    assert (orphan["task_id"],) in letters
 
 
 # --- what needs an operator ------------------------------------------------------------------
