@@ -323,8 +323,12 @@ def _read_secret(variable: str, path: str, fld: dataclasses.Field[Any]) -> Any:
     list setting, its lines."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{variable} = {path!r}: the file cannot be read (not UTF-8 text)"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{variable} = {path!r}: the file cannot be read ({reason})") from None
     if fld.type == "tuple[str, ...]":
         return text.splitlines()

@@ -834,7 +834,8 @@ def test_describe_says_what_tls_the_database_connection_requires(certs: CertSet)
     base = {"DB_DRIVER": "mysql", "DB_HOST": "db", "DB_USER": "svc", "DB_DATABASE": "t"}
     verified = load_settings(environ={**base, "DB_SSL_CA": ca})
     assert describe(verified) == (
-        f"mysql svc@db:3306/t, TLS required, certificate verified against {ca} (host name checked)"
+        f"mysql svc@db:3306/t, TLS required, server certificate must verify against {ca} "
+        "and name the host"
     )
     chain_only = load_settings(
         environ={

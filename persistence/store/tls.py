@@ -52,7 +52,7 @@ class TlsSetupError(Exception):
 class TlsState:
     """The TLS of one connection, as the server reported it.
 
-    ``enabled`` is None when no connection was made (or the server did not say).
+    ``enabled`` is None when unknown: no connection was made, or the server did not say.
     ``verified``: the server's certificate chain was checked against
     ``database.ssl_ca``; ``identity``: its host name was checked too.
     """
@@ -65,7 +65,7 @@ class TlsState:
 
     def describe(self) -> str:
         if self.enabled is None:
-            return "TLS state unknown (no connection)"
+            return "TLS state unknown"
         if not self.enabled:
             return "plain text, no TLS"
         if not self.verified:
@@ -77,7 +77,7 @@ class TlsState:
         return f"TLS {self.version} {self.cipher}, {trust}"
 
 
-_NO_CONNECTION = TlsState(enabled=None, verified=False, identity=False)
+_UNKNOWN = TlsState(enabled=None, verified=False, identity=False)
 
 
 class DatabaseTls:
@@ -87,7 +87,7 @@ class DatabaseTls:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._state = _NO_CONNECTION
+        self._state = _UNKNOWN
         self._logged: TlsState | None = None
 
     @property
@@ -108,7 +108,7 @@ class DatabaseTls:
             context.verify_mode = ssl.CERT_REQUIRED
             # Python 3.13 turns on strict X.509 checks that the certificates MySQL generates
             # for itself fail; PyMySQL turns them off for the same reason.
-            context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+            context.verify_flags &= ~ssl.VERIFY_X509_STRICT
             if s.ssl_cert:
                 context.load_cert_chain(s.ssl_cert, s.ssl_key or None, password=_no_password)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -128,7 +128,7 @@ class DatabaseTls:
         finally:
             cur.close()
         if "ssl_cipher" not in status:
-            state = _NO_CONNECTION
+            state = _UNKNOWN
         elif status["ssl_cipher"]:
             state = TlsState(
                 enabled=True,
@@ -145,7 +145,7 @@ class DatabaseTls:
     def observe_failure(self) -> None:
         """A connection could not be made: nothing is known of the TLS until the next one."""
         with self._lock:
-            self._state = _NO_CONNECTION
+            self._state = _UNKNOWN
 
     def state(self) -> TlsState:
         with self._lock:
