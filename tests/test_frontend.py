@@ -1,8 +1,10 @@
-"""The HTTP front end under gunicorn: stalled and hostile clients, JSON-only answers, stops.
+"""The HTTP front end under gunicorn: stalled and hostile clients, JSON-only answers, stops,
+HTTPS on the listener.
 
 Black-box tests against the real service (persistence.http_worker under
 gunicorn, real MariaDB), with raw sockets where a well-behaved HTTP client
-could not send the request; and unit tests of the request framing the worker
+could not send the request, and certificates made with openssl for HTTPS;
+and unit tests of the request framing and the client sockets the worker
 relies on.
 """
 

@@ -173,6 +173,7 @@ def test_verified_tls_lands_a_batch_and_health_says_so(
         DB_DATABASE=db.name,
         DB_SSL_CA=str(db.certs.ca.cert),
         BUFFER_FLUSH_INTERVAL="3600",
+        HEALTH_PROBE_TIMEOUT="4",  # room for TLS handshakes on a busy machine
     )
     sid = new_session_id()
     assert server.post(f"{API}/sessions/batch", {"sessions": [session(session_id=sid)]}).ok
