@@ -23,6 +23,7 @@ final flush is done.
 """
 
 import shutil
+import ssl
 import sys
 
 from persistence.config import ConfigError, load_settings
@@ -45,6 +46,14 @@ accesslog = "-"
 errorlog = "-"
 # gunicorn's own runtime control socket is not used; without it, instances never collide.
 control_socket_disable = True
+# HTTPS on the listener itself (service.tls_*); the worker drives the handshakes on its
+# event loop, so TLS keeps the protection against stalled clients.
+if _settings.service.tls_cert:
+    certfile = _settings.service.tls_cert
+    keyfile = _settings.service.tls_key or None
+    if _settings.service.tls_client_ca:
+        ca_certs = _settings.service.tls_client_ca
+        cert_reqs = ssl.CERT_REQUIRED
 
 
 def on_starting(server):

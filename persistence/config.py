@@ -7,12 +7,19 @@ A bad value raises :class:`ConfigError` whose message is one line naming the
 key, the value and what is allowed, e.g.::
 
     buffer.flush_interval = 'soon' (from BUFFER_FLUSH_INTERVAL): must be a number
+
+A setting marked secret (the database password, the bearer tokens) may also
+come from the file that ``<NAME>_FILE`` names, as with the official database
+images and Docker or Kubernetes secrets; its value never appears in a message
+or in the ``repr`` of the settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +42,19 @@ def _setting(
     env: str | None = None,
     check: Callable[[Any], str | None] | None = None,
     normalize: Callable[[Any], Any] | None = None,
+    secret: bool = False,
 ) -> Any:
     """Declare one setting: its default, its environment variable and its rule.
 
     ``normalize`` rewrites a converted value (e.g. upper-cases a log level);
     ``check`` returns None when the value is allowed, else the sentence that
-    says what is allowed.
+    says what is allowed. A ``secret`` setting may be given as ``<env>_FILE``
+    too, and its value is never shown (messages, ``repr``).
     """
-    kwargs: dict[str, Any] = {"metadata": {"env": env, "check": check, "normalize": normalize}}
+    kwargs: dict[str, Any] = {
+        "metadata": {"env": env, "check": check, "normalize": normalize, "secret": secret},
+        "repr": not secret,
+    }
     if isinstance(default, (list, tuple)):
         kwargs["default_factory"] = lambda: tuple(default)
     else:
@@ -72,6 +84,21 @@ def _non_empty(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _bearer_tokens(value: Any) -> str | None:
+    for number, token in enumerate(value, start=1):
+        if not _BEARER_TOKEN.fullmatch(token):
+            # Never the token itself: the message goes to logs and terminals.
+            return (
+                f"token {number} of {len(value)} is not a bearer token: allowed are letters, "
+                "digits and -._~+/ with = at the end only"
+            )
+    return None
+
+
 def _status_set(value: Any) -> str | None:
     if not value:
         return "must list at least one status"
@@ -95,6 +122,12 @@ class ServiceSettings:
     gil_switch_interval: float = _setting(
         0.001, "SERVICE_GIL_SWITCH_INTERVAL", _between(0.0001, 0.1)
     )
+    # Used by bearer auth; one per line in SERVICE_AUTH_TOKENS_FILE.
+    auth_tokens: tuple[str, ...] = _setting((), "SERVICE_AUTH_TOKENS", _bearer_tokens, secret=True)
+    # HTTPS on the listener itself (gunicorn's certfile, keyfile and ca_certs).
+    tls_cert: str = _setting("", "SERVICE_TLS_CERT")
+    tls_key: str = _setting("", "SERVICE_TLS_KEY")
+    tls_client_ca: str = _setting("", "SERVICE_TLS_CLIENT_CA")
 
 
 @dataclass(frozen=True)
@@ -125,7 +158,7 @@ class DatabaseSettings:
     host: str = _setting("localhost", "DB_HOST", _non_empty)
     port: int = _setting(3306, "DB_PORT", _between(1, 65535))
     user: str = _setting("root", "DB_USER", _non_empty)
-    password: str = _setting("", "DB_PASSWORD")
+    password: str = _setting("", "DB_PASSWORD", secret=True)
     database: str = _setting("ai_terminal", "DB_DATABASE", _non_empty)
     pool_size: int = _setting(10, "DB_POOL_SIZE", _between(1, 1000))
     pool_recycle: int = _setting(3600, "DB_POOL_RECYCLE", _between(0, 7 * 86400))
@@ -136,6 +169,11 @@ class DatabaseSettings:
     write_timeout: float = _setting(30.0, "DB_WRITE_TIMEOUT", _between(0.1, 3600))
     # 0: derived from the server's max_allowed_packet at start.
     max_record_bytes: int = _setting(0, "DB_MAX_RECORD_BYTES", _between(0, 1024**3))
+    # TLS (persistence/store/tls.py): a CA turns it on and verifies the server's chain.
+    ssl_ca: str = _setting("", "DB_SSL_CA")
+    ssl_verify_identity: bool = _setting(True, "DB_SSL_VERIFY_IDENTITY")
+    ssl_cert: str = _setting("", "DB_SSL_CERT")
+    ssl_key: str = _setting("", "DB_SSL_KEY")
 
 
 @dataclass(frozen=True)
@@ -261,16 +299,40 @@ def _build_section(
     values = {}
     for name, fld in known.items():
         env_name = fld.metadata["env"]
+        secret_file = f"{env_name}_FILE" if env_name and fld.metadata["secret"] else None
+        if secret_file and env_name in environ and secret_file in environ:
+            raise ConfigError(
+                f"{section}.{name}: {env_name} and {secret_file} are both set; set one of them"
+            )
         if name in from_overrides:
             raw, origin = from_overrides[name], "override"
         elif env_name and env_name in environ:
             raw, origin = environ[env_name], env_name
+        elif secret_file and secret_file in environ:
+            raw, origin = _read_secret(secret_file, environ[secret_file], fld), secret_file
         elif name in from_file:
             raw, origin = from_file[name], "config file"
         else:
             continue
         values[name] = _coerce(f"{section}.{name}", raw, origin, fld)
     return cls(**values)
+
+
+def _read_secret(variable: str, path: str, fld: dataclasses.Field[Any]) -> Any:
+    """The value in the file ``variable`` names: its text less one trailing newline; for a
+    list setting, its lines."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{variable} = {path!r}: the file cannot be read (not UTF-8 text)"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{variable} = {path!r}: the file cannot be read ({reason})") from None
+    if fld.type == "tuple[str, ...]":
+        return text.splitlines()
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 def _name(key: object) -> str:
@@ -280,7 +342,8 @@ def _name(key: object) -> str:
 
 def _coerce(key: str, raw: Any, origin: str, fld: dataclasses.Field[Any]) -> Any:
     kind = fld.type
-    where = f"{key} = {raw!r} (from {origin})"
+    shown = "<secret>" if fld.metadata["secret"] else repr(raw)
+    where = f"{key} = {shown} (from {origin})"
     try:
         value = _convert(kind, raw)
     except (TypeError, ValueError) as exc:
@@ -361,11 +424,101 @@ def _check_cross_field(settings: Settings) -> None:
             f"buffer.retry_backoff_max = {buf.retry_backoff_max}: "
             f"must be >= retry_backoff_initial ({buf.retry_backoff_initial})"
         )
+    _check_tls_files(
+        "service.tls_cert",
+        service.tls_cert,
+        "service.tls_key",
+        service.tls_key,
+        "service.tls_client_ca",
+        service.tls_client_ca,
+    )
+    if service.tls_client_ca and not service.tls_cert:
+        raise ConfigError(
+            f"service.tls_client_ca = {service.tls_client_ca!r}: needs service.tls_cert "
+            "(client certificates are asked for over HTTPS only)"
+        )
+    db = settings.database
+    if db.driver == "mysql":
+        _check_tls_files(
+            "database.ssl_cert", db.ssl_cert, "database.ssl_key", db.ssl_key,
+            "database.ssl_ca", db.ssl_ca,
+        )  # fmt: skip
+        if db.ssl_cert and not db.ssl_ca:
+            raise ConfigError(
+                f"database.ssl_cert = {db.ssl_cert!r}: needs database.ssl_ca, or the client "
+                "certificate would go to a server whose certificate nobody checked"
+            )
+
+
+class _EncryptedKey(Exception):
+    """Raised by the password callback: a private key file that asks for a password."""
+
+
+def _refuse_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal, and a service would hang.
+    raise _EncryptedKey
+
+
+def _check_tls_files(
+    cert_key: str, cert: str, key_key: str, key: str, ca_key: str, ca: str
+) -> None:
+    """One-line errors for TLS files that are missing, unreadable or not what they should be:
+    ``ca`` a PEM CA bundle; ``cert`` a PEM certificate whose private key is ``key`` (or is
+    in the same file when ``key`` is empty)."""
+    if key and not cert:
+        raise ConfigError(f"{key_key} = {key!r}: needs {cert_key} (the certificate of the key)")
+    for name, path in ((ca_key, ca), (cert_key, cert), (key_key, key)):
+        if path:
+            problem = _file_problem(path)
+            if problem:
+                raise ConfigError(f"{name} = {path!r}: {problem}")
+    if ca:
+        try:
+            ssl.create_default_context(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{ca_key} = {ca!r}: holds no PEM certificate ({_ssl_reason(exc)})"
+            ) from None
+    if cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_cert_chain(cert, key or None, password=_refuse_password)
+        except _EncryptedKey:
+            raise ConfigError(
+                f"{key_key if key else cert_key} = {key or cert!r}: the private key is "
+                "encrypted; give it unencrypted, in a file only the service can read"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{cert_key} = {cert!r}: must be a PEM certificate, and {key_key} its PEM "
+                f"private key (or the key in the same file) ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable file, or None."""
+    try:
+        with open(path, "rb") as stream:
+            stream.read(1)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return " ".join(str(exc.reason or exc).split()) or type(exc).__name__
 
 
 def describe(settings: Settings) -> str:
-    """One log line naming the database in use, without secrets."""
+    """One log line naming the database in use and its TLS settings, without secrets."""
     db = settings.database
     if db.driver == "sqlite":
         return f"sqlite file {db.sqlite_path}"
-    return f"mysql {db.user}@{db.host}:{db.port}/{db.database}"
+    target = f"mysql {db.user}@{db.host}:{db.port}/{db.database}"
+    if not db.ssl_ca:
+        return f"{target}, TLS not required (unverified if the server offers it, else plain text)"
+    tls = f"TLS required, server certificate must verify against {db.ssl_ca}"
+    tls += " and name the host" if db.ssl_verify_identity else ", host name NOT checked"
+    if db.ssl_cert:
+        tls += f", client certificate {db.ssl_cert}"
+    return f"{target}, {tls}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from persistence.config import HealthSettings
 from persistence.store import Store, StoreError
@@ -60,3 +61,9 @@ class HealthMonitor:
         if fresh and cached is not None:
             return cached
         return self.refresh()
+
+    def tls_status(self) -> dict[str, Any] | None:
+        """The ``tls`` object of /health: what the last probe's connection negotiated, as
+        the server reported it (None for SQLite)."""
+        tls = self.store.dialect.tls
+        return None if tls is None else tls.status()

@@ -9,6 +9,11 @@ each read whether one whole request (head and body) has arrived. Only then
 does a request thread parse it, and its ``recv`` calls are served from the
 bytes already read.
 
+Over HTTPS (``service.tls_cert``) the same holds for :class:`TlsClientSocket`:
+the main loop also drives the TLS handshake, one non-blocking step per
+event, and reads ahead through the TLS layer; a client stalled in the
+middle of its handshake waits in the poller like one stalled in its request.
+
 :class:`RequestFraming` only finds where a request ends. It does not
 validate: a request whose head it cannot frame (malformed, two
 Content-Length headers, an unknown transfer coding) is handed over at once,
@@ -18,9 +23,11 @@ body, which gunicorn would wait on, is answered 400 by the worker.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import socket
+import ssl
 
 _CRLF = b"\r\n"
 _HEAD_END = b"\r\n\r\n"
@@ -35,8 +42,8 @@ _CHUNK_SIZE_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 class ClientSocket(socket.socket):
     """An accepted client connection that holds bytes read ahead of gunicorn's parser.
 
-    - :meth:`receive_available` (the worker's main loop) appends what the
-      kernel holds to :attr:`pending` without blocking;
+    - :meth:`receive_available` (the worker's main loop) appends what has
+      arrived to :attr:`read_ahead` without blocking;
     - :meth:`recv` (gunicorn's parser, on a request thread) returns those
       bytes first, then reads the socket;
     - "blocking" mode, which gunicorn selects before it parses a request,
@@ -44,23 +51,26 @@ class ClientSocket(socket.socket):
       thread never waits on a client without limit.
 
     Threading contract: the main loop and a request thread never use the same
-    connection at once. The main loop touches :attr:`pending` only while the
-    connection waits in its poller; a request thread only while it serves it.
-    The thread pool's queue and gunicorn's completion queue hand it over.
+    connection at once. The main loop touches :attr:`read_ahead` only while
+    the connection waits in its poller; a request thread only while it serves
+    it. The thread pool's queue and gunicorn's completion queue hand it over.
     """
 
     read_timeout: float
-    pending: bytearray
+    read_ahead: bytearray
     framing: RequestFraming | None
 
     @classmethod
     def adopt(cls, accepted: socket.socket, read_timeout: float) -> ClientSocket:
         """Take over the descriptor of a socket returned by ``accept()``."""
         sock = cls(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
-        sock.read_timeout = read_timeout
-        sock.pending = bytearray()
-        sock.framing = None
+        sock.init_read_ahead(read_timeout)
         return sock
+
+    def init_read_ahead(self, read_timeout: float) -> None:
+        self.read_timeout = read_timeout
+        self.read_ahead = bytearray()
+        self.framing = None
 
     def setblocking(self, flag: bool) -> None:
         if flag:
@@ -69,9 +79,9 @@ class ClientSocket(socket.socket):
             super().setblocking(False)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.pending and not flags:
-            data = bytes(self.pending[:bufsize])
-            del self.pending[:bufsize]
+        if self.read_ahead and not flags:
+            data = bytes(self.read_ahead[:bufsize])
+            del self.read_ahead[:bufsize]
             return data
         return super().recv(bufsize, flags)
 
@@ -84,12 +94,123 @@ class ClientSocket(socket.socket):
             return True
         except OSError:
             return False  # reset by the peer
-        self.pending += data
+        self.read_ahead += data
         return bool(data)
 
+    def holds_unseen_bytes(self) -> bool:
+        """Whether bytes of the client wait where the poller cannot see them."""
+        return bool(self.read_ahead)
+
     def unread(self, data: bytes) -> None:
-        """Put bytes back in front of :attr:`pending` (what the parser read ahead)."""
-        self.pending[:0] = data
+        """Put bytes back in front of :attr:`read_ahead` (what the parser read ahead)."""
+        self.read_ahead[:0] = data
+
+
+class Handshake(enum.Enum):
+    """Where :meth:`TlsClientSocket.advance_handshake` left the TLS handshake."""
+
+    DONE = "done"
+    #: Wait until the socket is readable (or writable) and call again.
+    WANT_READ = "want read"
+    WANT_WRITE = "want write"
+    #: The client speaks something else than TLS, such as plain HTTP.
+    NOT_TLS = "not TLS"
+    #: The client closed the connection before its first byte.
+    CLOSED = "closed"
+
+
+# The first byte of a TLS handshake record (RFC 8446 5.1).
+_TLS_HANDSHAKE_RECORD = 0x16
+
+
+class TlsClientSocket(ClientSocket, ssl.SSLSocket):
+    """A :class:`ClientSocket` over TLS, its handshake driven by the worker's main loop.
+
+    Made by an :class:`ssl.SSLContext` whose ``sslsocket_class`` is this class
+    (:meth:`wrap`), without a handshake at connect. :meth:`advance_handshake`
+    takes one non-blocking step; once it is done, :meth:`receive_available`
+    reads ahead through the TLS layer, including what the TLS object has
+    already decrypted (``pending()``), which the poller cannot see.
+    """
+
+    handshake_done: bool
+    _first_byte_checked: bool
+
+    @classmethod
+    def wrap(
+        cls,
+        context: ssl.SSLContext,
+        accepted: socket.socket,
+        read_timeout: float,
+        suppress_ragged_eofs: bool,
+    ) -> TlsClientSocket:
+        """Wrap a socket returned by ``accept()``; ``context.sslsocket_class`` is ``cls``."""
+        sock = context.wrap_socket(
+            accepted,
+            server_side=True,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+        )
+        if not isinstance(sock, cls):
+            raise TypeError(f"the context makes {type(sock).__name__}, not {cls.__name__}")
+        sock.init_read_ahead(read_timeout)
+        sock.handshake_done = False
+        sock._first_byte_checked = False
+        return sock
+
+    def advance_handshake(self) -> Handshake:
+        """Take the handshake as far as the bytes that arrived allow, without blocking.
+
+        Before it starts, the first byte is looked at without taking it: a
+        client that is not starting a TLS handshake (plain HTTP on the HTTPS
+        port) is told apart from a failed handshake. Raises :class:`OSError`
+        (:class:`ssl.SSLError` among them) when the handshake fails.
+        """
+        socket.socket.setblocking(self, False)
+        if not self._first_byte_checked:
+            try:
+                first = socket.socket.recv(self, 1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return Handshake.WANT_READ
+            if not first:
+                return Handshake.CLOSED
+            if first[0] != _TLS_HANDSHAKE_RECORD:
+                return Handshake.NOT_TLS
+            self._first_byte_checked = True
+        try:
+            self.do_handshake()
+        except ssl.SSLWantReadError:
+            return Handshake.WANT_READ
+        except ssl.SSLWantWriteError:
+            return Handshake.WANT_WRITE
+        self.handshake_done = True
+        return Handshake.DONE
+
+    def receive_available(self, max_bytes: int) -> bool:
+        """Append what can be decrypted now, up to ``max_bytes`` and at least all that the TLS
+        object holds already; False once the peer is gone."""
+        socket.socket.setblocking(self, False)
+        received = 0
+        try:
+            while (want := max(max_bytes - received, self.pending())) > 0:
+                data = ssl.SSLSocket.recv(self, want)
+                if not data:
+                    return False  # closed (close_notify, or an EOF taken as one)
+                self.read_ahead += data
+                received += len(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+            return True
+        except OSError:
+            return False  # reset, or a TLS error: the connection cannot go on
+        return True
+
+    def holds_unseen_bytes(self) -> bool:
+        return bool(self.read_ahead) or self.pending() > 0
+
+    def send_unencrypted(self, data: bytes) -> None:
+        """Best effort, without blocking: for a client that does not speak TLS."""
+        with contextlib.suppress(OSError):
+            socket.socket.send(self, data)
 
 
 class Verdict(enum.Enum):

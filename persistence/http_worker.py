@@ -41,9 +41,20 @@ the real gunicorn.
   descriptor, so that the master (on SIGHUP or SIGTTOU) does not take the
   silence for a hung worker and kill it mid-flush.
 
-With TLS terminated in gunicorn (``certfile``), connections are served as
-by gthread, without the read-ahead; terminate TLS in a proxy instead. The
-worker serves only the Flask application of :mod:`persistence`
+- **HTTPS without a proxy, with the same protection.** With gunicorn's
+  ``certfile`` (``service.tls_cert``), :meth:`~PersistenceWorker.accept`
+  wraps each connection without a handshake and the main loop drives the
+  handshake one non-blocking step at a time
+  (:class:`~persistence.http_connection.TlsClientSocket`) before it reads the
+  request ahead through TLS. A client that stalls in the handshake is closed
+  after ``service.request_timeout`` like one that stalls in its request; one
+  that sends plain HTTP is answered 400 in plain HTTP; a failed handshake is
+  logged (its reason, never the client's bytes) and closed. HTTP/2 is not
+  offered (ALPN says ``http/1.1``). The TLS context is built once per worker,
+  with gunicorn's settings (``ssl_context`` hook, ``ciphers``, ``ca_certs``,
+  ``cert_reqs``): renewed certificate files take effect with ``SIGHUP``.
+
+The worker serves only the Flask application of :mod:`persistence`
 (``wsgi:app``): it reads its settings from the application's service.
 """
 
@@ -65,16 +76,24 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from gunicorn.http import errors as http_errors
+from gunicorn.http import get_parser
 from gunicorn.http.message import (
     DEFAULT_MAX_HEADERFIELD_SIZE,
     MAX_HEADERS,
     MAX_REQUEST_LINE,
     Request,
 )
+from gunicorn.sock import ssl_context
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from persistence.errors import BadRequest, RequestTimeout, envelope
-from persistence.http_connection import ClientSocket, RequestFraming, Verdict
+from persistence.http_connection import (
+    ClientSocket,
+    Handshake,
+    RequestFraming,
+    TlsClientSocket,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from persistence.service import PersistenceService
@@ -108,17 +127,16 @@ class PersistenceWorker(ThreadWorker):
         self._read_ahead_budget = 0
         self._head_limits = (MAX_REQUEST_LINE, MAX_HEADERS, DEFAULT_MAX_HEADERFIELD_SIZE)
         self._heartbeat_fd: int | None = None
+        # The TLS context of every connection (None: plain HTTP), built after the fork.
+        self._tls_context: ssl.SSLContext | None = None
         # The gunicorn request each request thread serves, for the WSGI wrapper.
         self._serving = threading.local()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         super().check_config(cfg, log)
-        if cfg.is_ssl:
-            log.warning(
-                "TLS in gunicorn: requests are read by the request threads without the "
-                "read-ahead of this worker; terminate TLS in a proxy (docs/DEPLOYMENT.md)"
-            )
+        if cfg.is_ssl and "h2" in cfg.http_protocols:
+            log.warning("HTTP/2 is not served by this worker: HTTPS clients get HTTP/1.1")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -126,7 +144,17 @@ class PersistenceWorker(ThreadWorker):
         # A descriptor of the heartbeat file of our own: gunicorn closes its one before
         # worker_exit, which runs the final flush (see _beat_until_exit).
         self._heartbeat_fd = os.dup(self.tmp.fileno())
+        if self.cfg.is_ssl:
+            self._tls_context = self._build_tls_context()
         super().init_process()
+
+    def _build_tls_context(self) -> ssl.SSLContext:
+        """gunicorn's server context (its settings and ``ssl_context`` hook), making
+        :class:`TlsClientSocket` objects and offering HTTP/1.1 only."""
+        context = ssl_context(self.cfg)
+        context.sslsocket_class = TlsClientSocket
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -183,24 +211,33 @@ class PersistenceWorker(ThreadWorker):
     # --- reading requests on the main loop ----------------------------------------------
 
     def accept(self, listener: Any) -> None:
-        if self.cfg.is_ssl:
-            super().accept(listener)  # the bytes on the wire are TLS records, not HTTP
-            return
         try:
             accepted, address = listener.accept()
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 return
             raise
+        try:
+            if self._tls_context is not None:
+                sock: ClientSocket = TlsClientSocket.wrap(
+                    self._tls_context,
+                    accepted,
+                    self._request_timeout,
+                    self.cfg.suppress_ragged_eofs,
+                )
+            else:
+                sock = ClientSocket.adopt(accepted, self._request_timeout)
+        except OSError:  # the client is gone already
+            accepted.close()
+            return
         self.nr_conns += 1
-        sock = ClientSocket.adopt(accepted, self._request_timeout)
         self._wait_for_request(TConn(self.cfg, sock, address, listener.getsockname()))
 
     def enqueue_req(self, conn: TConn) -> None:
         """Give ``conn`` to a request thread once a whole request has arrived on it."""
-        sock = conn.sock
-        if not isinstance(sock, ClientSocket):  # wrapped for TLS
-            super().enqueue_req(conn)
+        sock: ClientSocket = conn.sock
+        in_handshake = isinstance(sock, TlsClientSocket) and not sock.handshake_done
+        if in_handshake and not self._advance_handshake(conn, sock):
             return
         if conn.parser is not None:
             # Bytes of the next request that gunicorn's parser read ahead (pipelining).
@@ -208,15 +245,19 @@ class PersistenceWorker(ThreadWorker):
         framing = sock.framing or self._new_framing()
         sock.framing = framing
         connected = sock.receive_available(READ_STEP)
-        verdict = framing.check(sock.pending)
+        verdict = framing.check(sock.read_ahead)
         if verdict is Verdict.READY:
             sock.framing = None
+            if conn.parser is None and isinstance(sock, TlsClientSocket):
+                # gthread would wrap the socket for TLS once more on the request thread;
+                # the parser's presence tells it the connection is set up.
+                conn.parser = get_parser(self.cfg, sock, conn.client)
             super().enqueue_req(conn)
         elif verdict is Verdict.BAD_CHUNKING:
             self._refuse(conn, HTTPStatus.BAD_REQUEST, CHUNKED_BODY_DETAIL, "malformed chunking")
         elif not connected:
             self._close(conn)
-        elif self._read_ahead() + len(sock.pending) > self._read_ahead_budget:
+        elif self._read_ahead_bytes() + len(sock.read_ahead) > self._read_ahead_budget:
             self._refuse(
                 conn,
                 HTTPStatus.SERVICE_UNAVAILABLE,
@@ -230,10 +271,40 @@ class PersistenceWorker(ThreadWorker):
                 _send_now(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
             self._wait_for_request(conn)
 
+    def _advance_handshake(self, conn: TConn, sock: TlsClientSocket) -> bool:
+        """Take the TLS handshake of ``conn`` one step on; True once it is done (else the
+        connection waits in the poller again, or is closed)."""
+        try:
+            step = sock.advance_handshake()
+        except ssl.SSLError as exc:
+            self.log.info("TLS handshake with %s failed: %s", _peer(conn), exc.reason or exc)
+            self._close(conn)
+            return False
+        except OSError as exc:
+            self.log.debug("TLS handshake with %s broke off: %s", _peer(conn), exc)
+            self._close(conn)
+            return False
+        if step is Handshake.DONE:
+            return True
+        if step is Handshake.NOT_TLS:
+            self.log.warning(
+                "refused a request from %s: plain HTTP on the HTTPS port; answered 400",
+                _peer(conn),
+            )
+            sock.send_unencrypted(_response(HTTPStatus.BAD_REQUEST, PLAIN_HTTP_DETAIL))
+            self._close(conn)
+        elif step is Handshake.CLOSED:
+            self._close(conn)
+        else:
+            writing = step is Handshake.WANT_WRITE
+            self._wait_for_request(conn, selectors.EVENT_WRITE if writing else selectors.EVENT_READ)
+        return False
+
     def finish_request(self, conn: TConn, fs: Future[Any]) -> None:
         keep_alive = not fs.cancelled() and fs.exception() is None and fs.result() is True
-        if keep_alive and isinstance(conn.sock, ClientSocket) and conn.sock.pending:
-            # The next request (pipelined) is already read: the poller would not see it.
+        if keep_alive and conn.sock.holds_unseen_bytes():
+            # The next request (pipelined) is already read, by the parser or the TLS layer:
+            # the poller would not see it.
             self.enqueue_req(conn)
             return
         super().finish_request(conn, fs)
@@ -243,7 +314,7 @@ class PersistenceWorker(ThreadWorker):
         for conn in self.pending_conns:  # ordered by deadline
             if conn.timeout > now:
                 break
-            if isinstance(conn.sock, ClientSocket) and conn.sock.pending:
+            if conn.sock.read_ahead:
                 self.log.info(
                     "closed the connection of %s: its request did not arrive in full "
                     "within %s s (service.request_timeout)",
@@ -253,28 +324,23 @@ class PersistenceWorker(ThreadWorker):
                 _answer_now(conn.sock, HTTPStatus.REQUEST_TIMEOUT, self._timeout_detail())
         super().murder_pending()
 
-    def _wait_for_request(self, conn: TConn) -> None:
-        """Park ``conn`` in the poller until it sends more (gthread's deferred connections)."""
+    def _wait_for_request(self, conn: TConn, events: int = selectors.EVENT_READ) -> None:
+        """Park ``conn`` in the poller until it sends more (gthread's deferred connections),
+        or, in a TLS handshake, until it can take what the handshake sends."""
         conn.sock.setblocking(False)
         # Appended in time order with the same delay: pending_conns stays ordered by deadline.
         conn.timeout = time.monotonic() + self._request_timeout
         self.pending_conns.append(conn)
-        self.poller.register(
-            conn.sock, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn)
-        )
+        self.poller.register(conn.sock, events, partial(self.on_pending_socket_readable, conn))
 
     def _new_framing(self) -> RequestFraming:
         line, fields, field_size = self._head_limits
         max_head = line + 2 + fields * (field_size + 2) + 2
         return RequestFraming(max_head=max_head, max_body=self._max_body)
 
-    def _read_ahead(self) -> int:
+    def _read_ahead_bytes(self) -> int:
         """Bytes held by the connections waiting in the poller."""
-        return sum(
-            len(conn.sock.pending)
-            for conn in self.pending_conns
-            if isinstance(conn.sock, ClientSocket)
-        )
+        return sum(len(conn.sock.read_ahead) for conn in self.pending_conns)
 
     def _close(self, conn: TConn) -> None:
         self.nr_conns -= 1
@@ -380,6 +446,7 @@ class PersistenceWorker(ThreadWorker):
 
 
 CHUNKED_BODY_DETAIL = "The request body is not valid chunked transfer coding."
+PLAIN_HTTP_DETAIL = "This port speaks HTTPS: send the request over TLS (https://)."
 
 
 class RequestBody:
@@ -464,6 +531,11 @@ def _peer(conn: TConn) -> str:
 
 def _answer_now(sock: Any, status: int, detail: str, retry_after: int | None = None) -> None:
     """Write a whole JSON error response and announce the close that follows."""
+    _send_now(sock, _response(status, detail, retry_after))
+
+
+def _response(status: int, detail: str, retry_after: int | None = None) -> bytes:
+    """A whole JSON error response that announces the close that follows."""
     extra = {"retry_after": retry_after} if retry_after else {}
     body = orjson.dumps(envelope(detail, **extra))
     head = [
@@ -474,7 +546,7 @@ def _answer_now(sock: Any, status: int, detail: str, retry_after: int | None = N
     ]
     if retry_after:
         head.append(f"Retry-After: {retry_after}")
-    _send_now(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _send_now(sock: Any, data: bytes) -> None:

@@ -106,6 +106,9 @@ class Overview:
             },
             "workers": len(reports),
         }
+        tls = self.health.tls_status()
+        if tls is not None:
+            report["tls"] = tls
         if not database_ok:
             report["database_error"] = self.health.last_error
         if problems:

@@ -7,6 +7,7 @@ so neither the real environment nor the repository's config.yaml leaks in.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from persistence.config import ConfigError, Settings, describe, load_settings
+from tests.certs import CertSet, make_ca, make_leaf, make_test_certs, openssl_or_skip
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -556,7 +558,10 @@ def test_describe_mysql_names_the_database_without_the_password() -> None:
         }
     )
     text = describe(settings)
-    assert text == "mysql svc@db.internal:3307/terminal"
+    assert text == (
+        "mysql svc@db.internal:3307/terminal, "
+        "TLS not required (unverified if the server offers it, else plain text)"
+    )
     assert SECRET not in text
 
 
@@ -574,6 +579,277 @@ def test_describe_never_contains_the_password_even_when_it_is_short(driver: str)
     # A password that shares no text with the other settings.
     settings = load_settings(environ={"DB_DRIVER": driver, "DB_PASSWORD": "Qz9#"})
     assert "Qz9#" not in describe(settings)
+
+
+# --- secrets from files ----------------------------------------------------------------------
+
+
+def secret_file(tmp_path: Path, content: str, name: str = "secret") -> str:
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8"))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("s3cr3t\n", "s3cr3t"),
+        ("s3cr3t", "s3cr3t"),
+        ("s3cr3t\r\n", "s3cr3t"),
+        ("two lines\n\n", "two lines\n"),  # one newline only, as the database images do
+        ("  spaced \n", "  spaced "),
+        ("", ""),
+    ],
+)
+def test_password_file_gives_its_content_less_one_trailing_newline(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    environ = {"DB_PASSWORD_FILE": secret_file(tmp_path, content)}
+    assert load_settings(environ=environ).database.password == expected
+
+
+def test_a_secret_file_beats_the_config_file_and_loses_to_an_override(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "database: {password: from-yaml}\n")
+    environ = {"DB_PASSWORD_FILE": secret_file(tmp_path, "from-file\n")}
+    assert load_settings(path=path, environ=environ).database.password == "from-file"
+    settings = load_settings(
+        path=path, environ=environ, overrides={"database": {"password": "override"}}
+    )
+    assert settings.database.password == "override"
+
+
+def test_a_secret_and_its_file_both_set_is_an_error(tmp_path: Path) -> None:
+    environ = {"DB_PASSWORD": "Zq81-visible", "DB_PASSWORD_FILE": secret_file(tmp_path, "pw")}
+    message = config_error(environ=environ)
+    assert message == (
+        "database.password: DB_PASSWORD and DB_PASSWORD_FILE are both set; set one of them"
+    )
+    tokens = {"SERVICE_AUTH_TOKENS": "abc", "SERVICE_AUTH_TOKENS_FILE": "/run/secrets/tokens"}
+    assert "SERVICE_AUTH_TOKENS and SERVICE_AUTH_TOKENS_FILE" in config_error(environ=tokens)
+
+
+def test_an_unreadable_secret_file_names_the_variable_and_the_path(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    message = config_error(environ={"DB_PASSWORD_FILE": missing})
+    assert message == (
+        f"DB_PASSWORD_FILE = {missing!r}: the file cannot be read (No such file or directory)"
+    )
+    message = config_error(environ={"DB_PASSWORD_FILE": str(tmp_path)})
+    assert message.startswith(f"DB_PASSWORD_FILE = {str(tmp_path)!r}: the file cannot be read")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    message = config_error(environ={"SERVICE_AUTH_TOKENS_FILE": str(binary)})
+    assert message.endswith("the file cannot be read (not UTF-8 text)")
+
+
+def test_only_secret_settings_are_read_from_files(tmp_path: Path) -> None:
+    environ = {"DB_HOST_FILE": secret_file(tmp_path, "db.from-file"), "DB_USER": "svc"}
+    settings = load_settings(environ=environ)
+    assert settings.database.host == "localhost"
+    assert settings.database.user == "svc"
+
+
+def test_auth_tokens_default_to_none_and_come_comma_separated_from_the_environment() -> None:
+    assert load_settings(environ={}).service.auth_tokens == ()
+    environ = {"SERVICE_AUTH_TOKENS": "old-token_1, new.token~2=="}
+    assert load_settings(environ=environ).service.auth_tokens == ("old-token_1", "new.token~2==")
+
+
+def test_auth_tokens_file_holds_one_token_per_line(tmp_path: Path) -> None:
+    path = secret_file(tmp_path, "old-token\r\n\n  new/token+2=  \n")
+    settings = load_settings(environ={"SERVICE_AUTH_TOKENS_FILE": path})
+    assert settings.service.auth_tokens == ("old-token", "new/token+2=")
+
+
+@pytest.mark.parametrize("bad", ["has space", "semi;colon", "=leading", 'quote"d', "tab\tbed"])
+def test_an_invalid_token_is_an_error_that_never_shows_it(tmp_path: Path, bad: str) -> None:
+    path = secret_file(tmp_path, f"good-token\n{bad}\n")
+    message = config_error(environ={"SERVICE_AUTH_TOKENS_FILE": path})
+    assert message.startswith(
+        "service.auth_tokens = <secret> (from SERVICE_AUTH_TOKENS_FILE): "
+        "token 2 of 2 is not a bearer token"
+    )
+    for part in bad.split():
+        assert part not in message
+    assert "good-token" not in message
+
+
+def test_a_secret_of_the_wrong_type_is_an_error_that_never_shows_it(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "database: {password: [Zq81, visible]}\n")
+    message = config_error(path=path)
+    assert message == "database.password = <secret> (from config file): must be a string"
+
+
+def test_secrets_are_left_out_of_the_settings_repr(tmp_path: Path) -> None:
+    settings = load_settings(
+        environ={
+            "DB_PASSWORD_FILE": secret_file(tmp_path, "Zq81-db-password\n"),
+            "SERVICE_AUTH_TOKENS": "Zq81-token-one,Zq81-token-two",
+        }
+    )
+    assert settings.database.password == "Zq81-db-password"
+    assert "Zq81" not in repr(settings)
+    assert "ssl_ca=''" in repr(settings)  # the other settings are still shown
+
+
+# --- TLS files -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
+    return make_test_certs(tmp_path_factory.mktemp("certs"))
+
+
+def mysql_tls(**env: str) -> dict[str, str]:
+    return {"DB_DRIVER": "mysql", **env}
+
+
+def test_database_tls_files_that_fit_together_load(certs: CertSet) -> None:
+    settings = load_settings(
+        environ=mysql_tls(
+            DB_SSL_CA=str(certs.ca.cert),
+            DB_SSL_CERT=str(certs.client.cert),
+            DB_SSL_KEY=str(certs.client.key),
+            DB_SSL_VERIFY_IDENTITY="false",
+        )
+    )
+    db = settings.database
+    assert (db.ssl_ca, db.ssl_cert, db.ssl_key) == tuple(
+        str(p) for p in (certs.ca.cert, certs.client.cert, certs.client.key)
+    )
+    assert db.ssl_verify_identity is False
+    assert load_settings(environ={}).database.ssl_verify_identity is True
+
+
+def test_a_certificate_file_holding_its_key_needs_no_key_file(
+    certs: CertSet, tmp_path: Path
+) -> None:
+    both = tmp_path / "client-and-key.pem"
+    both.write_bytes(certs.client.cert.read_bytes() + certs.client.key.read_bytes())
+    settings = load_settings(environ=mysql_tls(DB_SSL_CA=str(certs.ca.cert), DB_SSL_CERT=str(both)))
+    assert settings.database.ssl_key == ""
+
+
+def test_a_missing_or_unreadable_tls_file_is_a_one_line_error(
+    certs: CertSet, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "ca.pem")
+    assert config_error(environ=mysql_tls(DB_SSL_CA=missing)) == (
+        f"database.ssl_ca = {missing!r}: cannot be read (No such file or directory)"
+    )
+    message = config_error(environ=mysql_tls(DB_SSL_CA=str(tmp_path)))
+    assert message == f"database.ssl_ca = {str(tmp_path)!r}: cannot be read (Is a directory)"
+    message = config_error(
+        environ=mysql_tls(
+            DB_SSL_CA=str(certs.ca.cert), DB_SSL_CERT=str(certs.client.cert), DB_SSL_KEY=missing
+        )
+    )
+    assert message.startswith(f"database.ssl_key = {missing!r}: cannot be read")
+
+
+def test_a_file_that_is_not_what_it_should_be_is_a_one_line_error(
+    certs: CertSet, tmp_path: Path
+) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a certificate\n", encoding="utf-8")
+    message = config_error(environ=mysql_tls(DB_SSL_CA=str(text)))
+    assert message.startswith(f"database.ssl_ca = {str(text)!r}: holds no PEM certificate (")
+    ca = str(certs.ca.cert)
+    message = config_error(
+        environ=mysql_tls(
+            DB_SSL_CA=ca, DB_SSL_CERT=str(certs.client.cert), DB_SSL_KEY=str(certs.server.key)
+        )
+    )
+    assert message.startswith(
+        f"database.ssl_cert = {str(certs.client.cert)!r}: must be a PEM certificate, and "
+        "database.ssl_key its PEM private key"
+    )
+    assert "KEY_VALUES_MISMATCH" in message
+    message = config_error(environ=mysql_tls(DB_SSL_CA=ca, DB_SSL_CERT=str(certs.client.cert)))
+    assert "must be a PEM certificate" in message  # and no key with it
+
+
+def test_an_encrypted_key_is_refused_at_start_instead_of_prompting(
+    certs: CertSet, tmp_path: Path
+) -> None:
+    encrypted = tmp_path / "encrypted-key.pem"
+    subprocess.run(
+        [openssl_or_skip(), "pkey", "-in", str(certs.client.key), "-aes256", "-passout", "pass:pw",
+         "-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    message = config_error(
+        environ=mysql_tls(
+            DB_SSL_CA=str(certs.ca.cert),
+            DB_SSL_CERT=str(certs.client.cert),
+            DB_SSL_KEY=str(encrypted),
+        )
+    )
+    assert message == (
+        f"database.ssl_key = {str(encrypted)!r}: the private key is encrypted; "
+        "give it unencrypted, in a file only the service can read"
+    )
+
+
+def test_database_tls_settings_that_do_not_fit_together_are_errors(certs: CertSet) -> None:
+    key = str(certs.client.key)
+    assert config_error(environ=mysql_tls(DB_SSL_CA=str(certs.ca.cert), DB_SSL_KEY=key)) == (
+        f"database.ssl_key = {key!r}: needs database.ssl_cert (the certificate of the key)"
+    )
+    cert = str(certs.client.cert)
+    message = config_error(environ=mysql_tls(DB_SSL_CERT=cert, DB_SSL_KEY=key))
+    assert message.startswith(f"database.ssl_cert = {cert!r}: needs database.ssl_ca")
+
+
+def test_database_tls_files_are_not_checked_for_sqlite(tmp_path: Path) -> None:
+    settings = load_settings(environ={"DB_SSL_CA": str(tmp_path / "missing.pem")})
+    assert settings.database.driver == "sqlite"
+
+
+def test_listener_tls_settings(certs: CertSet, tmp_path: Path) -> None:
+    cert, key, ca = (str(p) for p in (certs.server.cert, certs.server.key, certs.ca.cert))
+    settings = load_settings(
+        environ={"SERVICE_TLS_CERT": cert, "SERVICE_TLS_KEY": key, "SERVICE_TLS_CLIENT_CA": ca}
+    )
+    assert (settings.service.tls_cert, settings.service.tls_key) == (cert, key)
+    assert settings.service.tls_client_ca == ca
+    assert config_error(environ={"SERVICE_TLS_KEY": key}) == (
+        f"service.tls_key = {key!r}: needs service.tls_cert (the certificate of the key)"
+    )
+    assert config_error(environ={"SERVICE_TLS_CLIENT_CA": ca}).startswith(
+        f"service.tls_client_ca = {ca!r}: needs service.tls_cert"
+    )
+    missing = str(tmp_path / "server.pem")
+    assert config_error(environ={"SERVICE_TLS_CERT": missing, "SERVICE_TLS_KEY": key}) == (
+        f"service.tls_cert = {missing!r}: cannot be read (No such file or directory)"
+    )
+    other = make_leaf(tmp_path, "other", make_ca(tmp_path, "ca2"), alt_names="DNS:localhost")
+    message = config_error(environ={"SERVICE_TLS_CERT": cert, "SERVICE_TLS_KEY": str(other.key)})
+    assert "KEY_VALUES_MISMATCH" in message
+
+
+def test_describe_says_what_tls_the_database_connection_requires(certs: CertSet) -> None:
+    ca, cert, key = (str(p) for p in (certs.ca.cert, certs.client.cert, certs.client.key))
+    base = {"DB_DRIVER": "mysql", "DB_HOST": "db", "DB_USER": "svc", "DB_DATABASE": "t"}
+    verified = load_settings(environ={**base, "DB_SSL_CA": ca})
+    assert describe(verified) == (
+        f"mysql svc@db:3306/t, TLS required, server certificate must verify against {ca} "
+        "and name the host"
+    )
+    chain_only = load_settings(
+        environ={
+            **base,
+            "DB_SSL_CA": ca,
+            "DB_SSL_VERIFY_IDENTITY": "off",
+            "DB_SSL_CERT": cert,
+            "DB_SSL_KEY": key,
+        }
+    )
+    assert describe(chain_only) == (
+        f"mysql svc@db:3306/t, TLS required, server certificate must verify against {ca}, "
+        f"host name NOT checked, client certificate {cert}"
+    )
 
 
 # --- the shipped config.yaml -----------------------------------------------------------------

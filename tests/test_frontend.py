@@ -1,30 +1,44 @@
-"""The HTTP front end under gunicorn: stalled and hostile clients, JSON-only answers, stops.
+"""The HTTP front end under gunicorn: stalled and hostile clients, JSON-only answers, stops,
+HTTPS on the listener.
 
 Black-box tests against the real service (persistence.http_worker under
 gunicorn, real MariaDB), with raw sockets where a well-behaved HTTP client
-could not send the request; and unit tests of the request framing the worker
+could not send the request, and certificates made with openssl for HTTPS;
+and unit tests of the request framing and the client sockets the worker
 relies on.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
+import ssl
+import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from persistence.config import ConfigError
-from persistence.http_connection import ClientSocket, RequestFraming, Verdict
+from persistence.http_connection import (
+    ClientSocket,
+    Handshake,
+    RequestFraming,
+    TlsClientSocket,
+    Verdict,
+)
+from tests.certs import CertSet, KeyPair, make_self_signed, make_test_certs
 from tests.conftest import Database, MysqlServer, make_settings
 from tests.factories import new_session_id, session, task
-from tests.gunicorn_server import API, Server, wait_for
+from tests.gunicorn_server import API, Server, free_port, gunicorn_command, service_env, wait_for
 
 TASKS = f"{API}/tasks/batch"
 SESSIONS = f"{API}/sessions/batch"
@@ -44,7 +58,8 @@ class RawResponse:
 
 
 def connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
+    """A TCP connection to the server (over which nothing is sent yet, not even TLS)."""
+    host, port = server.url.split("://", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     return sock
 
@@ -82,15 +97,23 @@ def exchange(server: Server, data: bytes) -> RawResponse:
         return read_response(sock)
 
 
-def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """The server closed the connection (EOF or reset) within ``timeout`` seconds."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+def closed_by_server(sock: socket.socket, timeout: float = 5.0, skip_data: bool = False) -> bool:
+    """The server closed the connection (EOF or reset) within ``timeout`` seconds; with
+    ``skip_data``, after whatever it sent (the start of a TLS handshake)."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+        if not data:
+            return True
+        if not skip_data:
+            return False
+    return False
 
 
 def request_bytes(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
@@ -102,6 +125,98 @@ def request_bytes(method: str, path: str, body: bytes = b"", **headers: str) -> 
 def tasks_body(count: int, sid: str | None = None) -> tuple[bytes, list[str]]:
     records = [task(sid or new_session_id()) for _ in range(count)]
     return json.dumps({"tasks": records}).encode(), [r["task_id"] for r in records]
+
+
+# --- HTTPS on the listener ------------------------------------------------------------------
+
+
+@dataclass
+class HttpsServer(Server):
+    """The service with HTTPS on its listener; its HTTP requests verify the certificate
+    against ``ca`` and send ``client_cert`` (certificate, key) when given."""
+
+    ca: str = ""
+    client_cert: tuple[str, str] | None = None
+
+    def post(self, path: str, body: Any = None) -> requests.Response:
+        return requests.post(
+            self.url + path, json=body, timeout=5, verify=self.ca, cert=self.client_cert
+        )
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=5, verify=self.ca, cert=self.client_cert)
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return context
+
+    def tls_wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """``sock`` after a whole TLS handshake with the server."""
+        return self.tls_context().wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def send_client_hello(sock: socket.socket, server: HttpsServer) -> None:
+    """Send the first flight of a TLS handshake, and never the next one."""
+    client = server.tls_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="127.0.0.1"
+    )
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    sock.sendall(outgoing.read())
+
+
+@pytest.fixture(scope="module")
+def listener_certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
+    return make_test_certs(tmp_path_factory.mktemp("listener-certs"))
+
+
+@pytest.fixture
+def start_https_server(tmp_path: Path) -> Iterator[Callable[..., HttpsServer]]:
+    """Start gunicorn with HTTPS on its listener (``pair``), wait until it answers."""
+    servers: list[HttpsServer] = []
+
+    def start(
+        pair: KeyPair,
+        ca: Path | None = None,
+        client_cert: KeyPair | None = None,
+        **env: str,
+    ) -> HttpsServer:
+        port = free_port()
+        log = tmp_path / f"gunicorn-{port}.log"
+        env = {"SERVICE_TLS_CERT": str(pair.cert), "SERVICE_TLS_KEY": str(pair.key), **env}
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                gunicorn_command("-b", f"127.0.0.1:{port}"),
+                cwd=tmp_path,
+                env=service_env(tmp_path, **env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        cert = (str(client_cert.cert), str(client_cert.key)) if client_cert else None
+        # A self-signed certificate is its own CA.
+        trusted = str(ca or pair.cert)
+        server = HttpsServer(process, f"https://127.0.0.1:{port}", log, trusted, cert)
+        servers.append(server)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
+            try:
+                if server.get("/health").status_code in (200, 503):
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
 
 
 # --- A: shutdown ---------------------------------------------------------------------------
@@ -236,42 +351,75 @@ def test_sighup_does_not_kill_a_worker_whose_final_flush_outlasts_the_timeouts(
 # --- B: stalled clients ----------------------------------------------------------------------
 
 
-@pytest.mark.e2e
-@pytest.mark.mysql
-def test_a_hundred_stalled_clients_do_not_keep_others_out(
-    start_server: Any, mysql_env: dict[str, str], mysql_db: Database
-) -> None:
-    server = start_server(SERVICE_REQUEST_TIMEOUT="2", **mysql_env)
+# How a client stalls: over plain HTTP, before sending anything, in the middle of the head
+# or of the body; over HTTPS also in the middle of its first TLS record, and after sending
+# its ClientHello (the server has answered and waits for the client's next flight).
+HTTP_STALLS = ("idle", "half head", "half body")
+HTTPS_STALLS = ("idle", "half ClientHello", "mid handshake", "half head", "half body")
+
+
+def stalled_client(server: Server, kind: str) -> socket.socket:
     partial_body = request_bytes(
         "POST", TASKS, b'{"tasks": [', Content_Type="application/json", Content_Length="1000"
     )
-    stalled: dict[str, list[socket.socket]] = {"idle": [], "half head": [], "half body": []}
-    for n in range(100):
-        kind = list(stalled)[n % 3]
-        sock = connect(server)
+    sock = connect(server)
+    if kind == "half ClientHello":
+        # A handshake record that announces 512 bytes and brings 6 of them.
+        sock.sendall(bytes.fromhex("16030102000100 01fc0303".replace(" ", "")))
+    elif kind == "mid handshake":
+        send_client_hello(sock, server)
+    elif kind in ("half head", "half body"):
+        if isinstance(server, HttpsServer):
+            sock = server.tls_wrap(sock)
         if kind == "half head":
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nAccept: appl")
-        elif kind == "half body":
+        else:
             sock.sendall(partial_body)
-        stalled[kind].append(sock)
+    return sock
+
+
+@pytest.mark.e2e
+@pytest.mark.mysql
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_hundred_stalled_clients_do_not_keep_others_out(
+    start_server: Any,
+    start_https_server: Callable[..., HttpsServer],
+    listener_certs: CertSet,
+    mysql_env: dict[str, str],
+    mysql_db: Database,
+    scheme: str,
+) -> None:
+    if scheme == "https":
+        server: Server = start_https_server(
+            listener_certs.server,
+            ca=listener_certs.ca.cert,
+            SERVICE_REQUEST_TIMEOUT="2",
+            **mysql_env,
+        )
+        kinds = HTTPS_STALLS
+    else:
+        server = start_server(SERVICE_REQUEST_TIMEOUT="2", **mysql_env)
+        kinds = HTTP_STALLS
+    stalled: dict[str, list[socket.socket]] = {kind: [] for kind in kinds}
+    for n in range(100):
+        kind = kinds[n % len(kinds)]
+        stalled[kind].append(stalled_client(server, kind))
 
     for _ in range(5):
         started = time.monotonic()
-        response = requests.get(f"{server.url}/health", timeout=10)
+        response = server.get("/health")
         assert response.status_code == 200
         assert time.monotonic() - started < 1.0  # the product's promise for /health
     sid = new_session_id()
     assert server.post(SESSIONS, {"sessions": [session(session_id=sid)]}).ok
-    body, ids = tasks_body(50, sid)
-    response = requests.post(
-        f"{server.url}{TASKS}", data=body, headers={"Content-Type": "application/json"}, timeout=2
-    )
+    records = [task(sid) for _ in range(50)]
+    response = server.post(TASKS, {"tasks": records})
     assert response.status_code == 200, response.text
     assert server.post(f"{API}/flush").json()["tasks_written"] == 50
-    assert landed_tasks(mysql_db) == set(ids)
+    assert landed_tasks(mysql_db) == {r["task_id"] for r in records}
 
-    # Within a few seconds, each half-sent request is answered 408 and closed; an idle
-    # connection is closed without a word.
+    # Within a few seconds, each half-sent request is answered 408 and closed; a connection
+    # that sent nothing, or stopped in its TLS handshake, is closed without a word.
     for sock in stalled["half head"] + stalled["half body"]:
         sock.settimeout(10)
         response = read_response(sock)
@@ -279,8 +427,9 @@ def test_a_hundred_stalled_clients_do_not_keep_others_out(
         assert response.headers["content-type"] == "application/json"
         assert response.headers["connection"] == "close"
         assert closed_by_server(sock)
-    for sock in stalled["idle"]:
-        assert closed_by_server(sock, timeout=10)
+    for kind in set(kinds) - {"half head", "half body"}:
+        for sock in stalled[kind]:
+            assert closed_by_server(sock, timeout=10, skip_data=True), kind
     for socks in stalled.values():
         for sock in socks:
             sock.close()
@@ -458,6 +607,139 @@ def test_protocol_errors_answer_json_never_html(start_server: Any) -> None:
     assert "Traceback" not in server.output(), server.output()
 
 
+# --- F: HTTPS on the listener ---------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_https_with_a_self_signed_certificate_serves_and_refuses_plain_http_cleanly(
+    start_https_server: Callable[..., HttpsServer], tmp_path: Path
+) -> None:
+    pair = make_self_signed(tmp_path, "listener", "IP:127.0.0.1,DNS:localhost")
+    server = start_https_server(pair)
+    with requests.Session() as client:  # one kept-alive connection for all of them
+        # verify= on each call: a session's own is overridden by REQUESTS_CA_BUNDLE.
+        health = client.get(f"{server.url}/health", timeout=5, verify=server.ca)
+        assert health.json()["status"] == "healthy"
+        body, _ = tasks_body(200)
+        response = client.post(
+            f"{server.url}{TASKS}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=5,
+            verify=server.ca,
+        )
+        assert (response.status_code, response.json()["count"]) == (200, 200)
+        root = client.get(f"{server.url}/", timeout=5, verify=server.ca)
+        assert root.json()["service"] == "Persistence Service"
+    # A client that does not trust the certificate refuses the server.
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{server.url}/health", timeout=5)
+    # Plain HTTP to the HTTPS port: a plain-HTTP JSON answer saying so, then the close.
+    plain = requests.get(server.url.replace("https://", "http://") + "/health", timeout=5)
+    assert plain.status_code == 400
+    assert plain.headers["content-type"] == "application/json"
+    assert plain.json() == {
+        "detail": "This port speaks HTTPS: send the request over TLS (https://)."
+    }
+    with closing(connect(server)) as sock:
+        sock.sendall(request_bytes("GET", "/health"))
+        assert read_response(sock).status == 400
+        assert closed_by_server(sock)
+    # Pipelined requests over TLS: the ones read ahead with the first are all answered.
+    with closing(server.tls_wrap(connect(server))) as sock:
+        sock.sendall(
+            request_bytes("GET", "/health")
+            + request_bytes("GET", "/")
+            + request_bytes("GET", f"{API}/stats")
+        )
+        assert read_response(sock).json()["status"] == "healthy"
+        assert read_response(sock).json()["service"] == "Persistence Service"
+        assert "buffer" in read_response(sock).json()
+    output = server.output()
+    assert "Listening at: https://127.0.0.1:" in output
+    assert "plain HTTP on the HTTPS port; answered 400" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.e2e
+def test_https_can_require_client_certificates(
+    start_https_server: Callable[..., HttpsServer], listener_certs: CertSet
+) -> None:
+    ca = listener_certs.ca.cert
+    server = start_https_server(
+        listener_certs.server,
+        ca=ca,
+        client_cert=listener_certs.client,
+        SERVICE_TLS_CLIENT_CA=str(ca),
+    )
+    assert server.get("/health").status_code == 200  # with the client certificate
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/health", timeout=5, verify=str(ca))
+    assert wait_for(lambda: "TLS handshake with 127.0.0.1 failed" in server.output(), 5)
+    assert server.get("/health").status_code == 200  # the worker serves on
+
+
+def test_a_tls_client_socket_drives_its_handshake_and_reads_what_tls_holds(
+    listener_certs: CertSet,
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(listener_certs.server.cert, listener_certs.server.key)
+    context.sslsocket_class = TlsClientSocket
+    ours, theirs = socket.socketpair()
+    sock = TlsClientSocket.wrap(context, ours, read_timeout=0.5, suppress_ragged_eofs=True)
+    payload = bytes(range(256)) * 60  # 15,360 bytes: one TLS record
+    sent = threading.Event()
+
+    def client() -> None:
+        tls = ssl.create_default_context(cafile=str(listener_certs.ca.cert))
+        with tls.wrap_socket(theirs, server_hostname="127.0.0.1") as conn:
+            conn.sendall(payload)
+            sent.set()
+            conn.recv(1)  # until the server closes
+
+    with closing(sock):
+        assert sock.advance_handshake() is Handshake.WANT_READ  # nothing sent yet
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        step = Handshake.WANT_READ
+        deadline = time.monotonic() + 10
+        while step is not Handshake.DONE:
+            assert time.monotonic() < deadline, "the handshake did not end"
+            writing = [sock] if step is Handshake.WANT_WRITE else []
+            select.select([sock], writing, [], 1)
+            step = sock.advance_handshake()
+        assert sent.wait(10)
+        # One call takes the whole record, though asked for 100 bytes: what the TLS layer
+        # decrypted beyond them would make no socket readable again.
+        assert sock.receive_available(100)
+        assert sock.read_ahead == payload
+        assert sock.pending() == 0
+        assert sock.holds_unseen_bytes()
+        sock.setblocking(True)
+        assert sock.recv(4) == payload[:4]
+        assert len(sock.recv(len(payload))) == len(payload) - 4
+        assert not sock.holds_unseen_bytes()
+        with pytest.raises(TimeoutError):
+            sock.recv(10)  # within read_timeout
+    thread.join(10)
+
+
+def test_a_tls_client_socket_tells_plain_http_and_a_silent_close_apart(
+    listener_certs: CertSet,
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(listener_certs.server.cert, listener_certs.server.key)
+    context.sslsocket_class = TlsClientSocket
+    for sent, expected in ((b"GET / HTTP/1.1\r\n", Handshake.NOT_TLS), (b"", Handshake.CLOSED)):
+        ours, theirs = socket.socketpair()
+        with closing(theirs):
+            sock = TlsClientSocket.wrap(context, ours, read_timeout=0.5, suppress_ragged_eofs=True)
+            with closing(sock):
+                theirs.sendall(sent)
+                theirs.shutdown(socket.SHUT_WR)
+                assert sock.advance_handshake() is expected
+
+
 # --- the framing the worker waits on ---------------------------------------------------------
 
 
@@ -549,7 +831,7 @@ def test_a_client_socket_serves_what_was_read_ahead_before_the_socket() -> None:
         assert sock.receive_available(1024)  # nothing yet, still connected
         theirs.sendall(b"GET / HTTP/1.1\r\n")
         assert sock.receive_available(1024)
-        assert sock.pending == b"GET / HTTP/1.1\r\n"
+        assert sock.read_ahead == b"GET / HTTP/1.1\r\n"
         sock.setblocking(True)  # what gunicorn asks for: blocking, but within read_timeout
         assert sock.gettimeout() == 0.2
         assert sock.recv(4) == b"GET "

@@ -262,7 +262,7 @@ def render_default(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return ", ".join(value)
+        value = ", ".join(value)  # an empty list is written as an empty text
     if value == "":
         return '""'
     return str(value)

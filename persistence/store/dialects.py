@@ -7,6 +7,7 @@ counters that never decrease.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from persistence.store.errors import (
     StoreError,
     UnclassifiedError,
 )
+from persistence.store.tls import DatabaseTls
+from persistence.store.tls import needs_operator as tls_needs_operator
 
 
 def sql_file(name: str) -> str:
@@ -54,6 +57,8 @@ class Dialect(ABC):
     ddl_file: str
     # The query that reads the server's largest statement, or None (no such limit).
     max_packet_query: str | None = None
+    # The TLS of the connections; None for a database without any (SQLite).
+    tls: DatabaseTls | None = None
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
@@ -145,6 +150,10 @@ class MysqlDialect(Dialect):
         "TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))",
     )
 
+    def __init__(self, settings: DatabaseSettings) -> None:
+        super().__init__(settings)
+        self.tls: DatabaseTls = DatabaseTls(settings)
+
     def _connect_args(self, database: bool = True) -> dict[str, Any]:
         s = self.settings
         args: dict[str, Any] = {
@@ -160,6 +169,7 @@ class MysqlDialect(Dialect):
         }
         if database:
             args["database"] = s.database
+        args.update(self.tls.connect_args())
         return args
 
     def create_pool(self) -> PooledDB:
@@ -176,9 +186,22 @@ class MysqlDialect(Dialect):
         )
 
     def connect_once(self, timeout: float) -> Any:
-        args = self._connect_args()
-        args.update(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout)
-        return pymysql.connect(**args)
+        """A new connection, whose TLS is asked of the server and kept for /health."""
+        try:
+            args = self._connect_args()
+            args.update(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout)
+            conn = pymysql.connect(**args)
+        except Exception:
+            self.tls.observe_failure()
+            raise
+        try:
+            self.tls.observe(conn)
+        except Exception:
+            self.tls.observe_failure()
+            with contextlib.suppress(Exception):  # the connection may be broken already
+                conn.close()
+            raise
+        return conn
 
     def prepare_database(self) -> None:
         conn = pymysql.connect(**self._connect_args(database=False))
@@ -198,6 +221,8 @@ class MysqlDialect(Dialect):
         return None
 
     def classify(self, exc: Exception) -> type[StoreError]:
+        if tls_needs_operator(exc):
+            return OperatorError
         if not isinstance(exc, pymysql.MySQLError):
             return UnclassifiedError  # a driver bug or a value it cannot send
         return MYSQL_ERRORS.get(self.error_code(exc), UnclassifiedError)

@@ -10,7 +10,8 @@ the most specific of these classes::
     │                       does to a statement larger than max_allowed_packet
     ├── RowError            the rows written caused it: retrying them cannot help
     ├── OperatorError       the database needs an operator (grants, a missing table or
-    │                       column, a full disk): retried, and reported on /health
+    │                       column, a full disk, a TLS certificate that does not verify):
+    │                       retried, and reported on /health
     └── UnclassifiedError   nothing says which: retried like a transient error, until
                             it has failed often enough to suspect the rows
 
@@ -62,7 +63,8 @@ class RowError(StoreError):
 
 
 class OperatorError(StoreError):
-    """Access denied, a missing table or column, a read-only or full database."""
+    """Access denied, a missing table or column, a read-only or full database, TLS that
+    cannot be set up (a certificate that does not verify, a server without TLS)."""
 
     category = "needs_operator"
 
@@ -96,7 +98,6 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
             2002,  # can't connect through socket
             2003,  # can't connect to server
             2005,  # unknown server host
-            2026,  # SSL connection error
             2055,  # lost connection at reading or writing
             3024,  # max_execution_time exceeded (MySQL)
             3572,  # NOWAIT: row locked (MySQL)
@@ -152,6 +153,12 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
             1698,  # access denied (socket authentication)
             1792,  # cannot execute statement in a READ ONLY transaction
             1836,  # running in read-only mode
+            # SSL connection error. PyMySQL raises it when TLS is required (database.ssl_ca)
+            # and the server does not offer it; the C client also for a failed handshake.
+            # Either way a server or certificate to fix, not a hiccup to retry at once.
+            # (A certificate that fails verification arrives as 2003 with the ssl error
+            # attached: persistence/store/tls.py tells it apart.)
+            2026,
             3100,  # error on observer while running replication hook (MySQL)
         ),
         OperatorError,
