@@ -8,7 +8,12 @@ wildcard host is probed on the loopback address), prints one line and exits
 database is unreachable), no answer within ``--timeout`` seconds, or a bad
 setting. The request goes through ``urllib`` from the standard library (the
 slim image has no curl) and never through an HTTP proxy named by the
-environment.
+environment. When the service serves HTTPS itself (``service.tls_cert``), the
+probe uses HTTPS and trusts exactly the service's own certificate: it checks
+that it reached this service, not a host name (it probes the loopback
+address). A listener that requires client certificates
+(``service.tls_client_ca``) cannot be probed this way; probe through the
+proxy in front, or leave the health check to the orchestrator.
 
 Runs as a short-lived process of its own; it shares nothing with the service.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -37,14 +43,26 @@ def health_url(service: ServiceSettings) -> str:
     host = WILDCARD_HOSTS.get(service.host, service.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{service.port}/health"
+    scheme = "https" if service.tls_cert else "http"
+    return f"{scheme}://{host}:{service.port}/health"
 
 
-def check(url: str, timeout: float) -> tuple[bool, str]:
+def own_certificate_context(certificate: str) -> ssl.SSLContext:
+    """A client context that trusts exactly the service's certificate, at any address."""
+    context = ssl.create_default_context(cafile=certificate)
+    context.check_hostname = False  # the loopback address is not the certificate's name
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the anchor
+    return context
+
+
+def check(url: str, timeout: float, context: ssl.SSLContext | None = None) -> tuple[bool, str]:
     """Request ``url``; whether it answered 200, and one line that says what happened."""
     # An empty ProxyHandler: HTTP_PROXY and friends in the container's environment
     # must not send a probe of the loopback address to a proxy.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as response:
             status, body = response.status, response.read(MAX_BODY)
@@ -103,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(_line(f"config error: {exc}"))
         return 1
-    healthy, line = check(health_url(settings.service), args.timeout)
+    service = settings.service
+    context = own_certificate_context(service.tls_cert) if service.tls_cert else None
+    healthy, line = check(health_url(service), args.timeout, context)
     print(line)
     return 0 if healthy else 1
 

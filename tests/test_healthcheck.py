@@ -21,6 +21,7 @@ import pytest
 
 from persistence.config import ServiceSettings
 from persistence.healthcheck import health_url
+from tests.certs import make_ca, make_leaf, make_self_signed
 from tests.gunicorn_server import REPO, free_port, gunicorn_command, service_env, wait_for
 
 # --- a server that answers as told ---------------------------------------------------------
@@ -301,3 +302,46 @@ def test_gunicorn_on_sqlite_is_healthy(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=40)
+
+
+def test_gunicorn_serving_https_is_probed_over_https(tmp_path: Path) -> None:
+    """A certificate signed by some CA, for a name that is not the loopback address: the
+    probe trusts exactly that certificate, wherever it reaches it."""
+    ca = make_ca(tmp_path, "probe-ca")
+    leaf = make_leaf(tmp_path, "probe-leaf", ca, alt_names="DNS:persistence.example")
+    port = free_port()
+    tls = {
+        "SERVICE_HOST": "127.0.0.1",
+        "SERVICE_PORT": str(port),
+        "SERVICE_TLS_CERT": str(leaf.cert),
+        "SERVICE_TLS_KEY": str(leaf.key),
+    }
+    process = subprocess.Popen(
+        gunicorn_command(),
+        cwd=tmp_path,
+        env=service_env(tmp_path, **tls),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        results: list[subprocess.CompletedProcess[str]] = []
+
+        def healthy() -> bool:
+            results.append(run_check(tmp_path, **tls))
+            return results[-1].returncode == 0
+
+        assert wait_for(healthy, timeout=30), results[-1].stdout
+        assert one_line(results[-1]).startswith(f"healthy: https://127.0.0.1:{port}/health")
+        other = make_self_signed(tmp_path, "impostor", "IP:127.0.0.1")
+        impostor = {"SERVICE_TLS_CERT": str(other.cert), "SERVICE_TLS_KEY": str(other.key)}
+        refused = run_check(tmp_path, **{**tls, **impostor})
+        assert refused.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in one_line(refused)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
