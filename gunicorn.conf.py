@@ -43,6 +43,12 @@ loglevel = _settings.service.log_level.lower()
 graceful_timeout = _settings.service.graceful_timeout
 accesslog = "-"
 errorlog = "-"
+# gunicorn's default line, then the request id the service answered (X-Request-ID).
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+)
+if _settings.logging.format == "json":
+    logger_class = "persistence.logs.JsonGunicornLogger"
 # gunicorn's own runtime control socket is not used; without it, instances never collide.
 control_socket_disable = True
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 CONFIG_PATH_ENV = "PERSISTENCE_CONFIG"
 DEFAULT_CONFIG_PATH = "config.yaml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 DRIVERS = ("sqlite", "mysql")
 
 
@@ -35,14 +37,18 @@ def _setting(
     env: str | None = None,
     check: Callable[[Any], str | None] | None = None,
     normalize: Callable[[Any], Any] | None = None,
+    secret: bool = False,
 ) -> Any:
     """Declare one setting: its default, its environment variable and its rule.
 
     ``normalize`` rewrites a converted value (e.g. upper-cases a log level);
     ``check`` returns None when the value is allowed, else the sentence that
-    says what is allowed.
+    says what is allowed (never quoting a ``secret`` value: its errors show
+    ``<hidden>`` instead of it).
     """
-    kwargs: dict[str, Any] = {"metadata": {"env": env, "check": check, "normalize": normalize}}
+    kwargs: dict[str, Any] = {
+        "metadata": {"env": env, "check": check, "normalize": normalize, "secret": secret}
+    }
     if isinstance(default, (list, tuple)):
         kwargs["default_factory"] = lambda: tuple(default)
     else:
@@ -72,6 +78,20 @@ def _non_empty(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+# RFC 6750's b64token: what a bearer token may hold so that it fits an Authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _bearer_tokens(value: Any) -> str | None:
+    for number, token in enumerate(value, start=1):
+        if not _BEARER_TOKEN.fullmatch(token):
+            return (
+                f"token {number} holds a character a bearer token cannot carry; "
+                "allowed are A-Z a-z 0-9 - . _ ~ + / and trailing ="
+            )
+    return None
+
+
 def _status_set(value: Any) -> str | None:
     if not value:
         return "must list at least one status"
@@ -95,6 +115,8 @@ class ServiceSettings:
     gil_switch_interval: float = _setting(
         0.001, "SERVICE_GIL_SWITCH_INTERVAL", _between(0.0001, 0.1)
     )
+    # Bearer tokens every request but GET / and GET /health must carry; empty: open API.
+    auth_tokens: tuple[str, ...] = _setting((), "SERVICE_AUTH_TOKENS", _bearer_tokens, secret=True)
 
 
 @dataclass(frozen=True)
@@ -157,9 +179,7 @@ class HealthSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = _setting("INFO", "LOG_LEVEL", _one_of(*LOG_LEVELS), str.upper)
-    format: str = _setting(
-        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s", "LOG_FORMAT", _non_empty
-    )
+    format: str = _setting("text", "LOG_FORMAT", _one_of(*LOG_FORMATS), str.lower)
     file: str = _setting("logs/persistence_service.log", "LOG_FILE")
     max_bytes: int = _setting(10 * 1024 * 1024, "LOG_MAX_BYTES", _between(1024, 1024**4))
     backup_count: int = _setting(5, "LOG_BACKUP_COUNT", _between(0, 1000))
@@ -280,7 +300,8 @@ def _name(key: object) -> str:
 
 def _coerce(key: str, raw: Any, origin: str, fld: dataclasses.Field[Any]) -> Any:
     kind = fld.type
-    where = f"{key} = {raw!r} (from {origin})"
+    shown = "<hidden>" if fld.metadata["secret"] else repr(raw)
+    where = f"{key} = {shown} (from {origin})"
     try:
         value = _convert(kind, raw)
     except (TypeError, ValueError) as exc:

@@ -34,6 +34,7 @@ REFUSAL_REASONS = (
     "invalid",
     "buffer_full",
     "journal_error",
+    "unauthorized",
 )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from persistence.auth import BearerTokens, log_policy
 from persistence.buffer import Buffer
 from persistence.config import Settings
 from persistence.durable import DurableBuffer
@@ -63,6 +64,7 @@ class PersistenceService:
     def start(self, control_dir: Path | None = None) -> None:
         """Start this worker's threads (after gunicorn forks); see :class:`WorkerRuntime`."""
         self.runtime.start(self.overview.answer_peer, control_dir)
+        log_policy(BearerTokens(self.settings.service.auth_tokens))
 
     def begin_shutdown(self) -> None:
         """Start the final flush now, while requests in flight finish (idempotent)."""
