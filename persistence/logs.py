@@ -25,6 +25,7 @@ import logging.handlers
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "persistence_request_id", default=None
 )
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 random hexadecimal digits."""
+    return uuid.uuid4().hex
 
 
 class RequestIdFilter(logging.Filter):

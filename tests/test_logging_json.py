@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,3 +246,28 @@ def test_under_gunicorn_the_text_access_log_ends_with_the_request_id(
     assert server.stop() == 0
     [line] = [line for line in server.output().splitlines() if '"GET / HTTP/1.1"' in line]
     assert line.endswith(" text-77")
+
+
+@pytest.mark.e2e
+def test_answers_of_the_http_worker_itself_carry_a_request_id_too(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/v1/persistence/tasks/batch HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    [header] = [line for line in head.split(b"\r\n") if line.startswith(b"X-Request-ID: ")]
+    request_id = header.split(b": ", 1)[1].decode()
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert json.loads(body) == {
+        "detail": "The request body is not valid chunked transfer coding.",
+        "request_id": request_id,
+    }

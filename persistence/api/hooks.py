@@ -20,14 +20,13 @@ request's id into the next.
 from __future__ import annotations
 
 import re
-import uuid
 
 from flask import Flask, Response, g, request
 
 from persistence.api import service
 from persistence.auth import BearerTokens, Verdict
 from persistence.errors import Unauthorized
-from persistence.logs import REQUEST_ID
+from persistence.logs import REQUEST_ID, new_request_id
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_CHARS = 128
@@ -42,7 +41,7 @@ def request_id_from(sent: str | None) -> str:
     """The id of a request: the client's ``X-Request-ID`` if it is sane, else a new one."""
     if sent is not None and _SANE_REQUEST_ID.fullmatch(sent):
         return sent
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def init_app(app: Flask, tokens: BearerTokens) -> None:
