@@ -22,7 +22,7 @@ from persistence.auth import BearerTokens, Verdict
 from persistence.config import ConfigError, load_settings
 from tests.conftest import Database, make_settings
 from tests.factories import new_session_id, session, task
-from tests.gunicorn_server import API, Server
+from tests.gunicorn_server import API, Server, wait_for
 
 OLD = "old-token-9f86d081884c7d65"
 NEW = "new-token-2c26b46b68ffc68f"
@@ -234,6 +234,12 @@ def test_two_workers_enforce_the_tokens_and_never_log_them(
     server = start_server(
         **mysql_env, SERVICE_WORKERS="2", SERVICE_AUTH_TOKENS=f"{OLD},{NEW}", LOG_LEVEL="DEBUG"
     )
+    stats_url = server.url + f"{API}/stats"
+    assert wait_for(
+        lambda: (
+            requests.get(stats_url, headers=bearer(OLD), timeout=5).json()["workers"]["count"] == 2
+        )
+    )
     sid = new_session_id()
     sessions = {"sessions": [session(session_id=sid)]}
     refused = [
@@ -250,7 +256,7 @@ def test_two_workers_enforce_the_tokens_and_never_log_them(
     assert mysql_db.count("translation_tasks") == 4
     assert server.get("/health").status_code == 200
 
-    stats = requests.get(server.url + f"{API}/stats", headers=bearer(OLD), timeout=5).json()
+    stats = requests.get(stats_url, headers=bearer(OLD), timeout=5).json()
     assert stats["workers"]["count"] == 2
     assert stats["refused"]["unauthorized"]["batches"] == 3
     output = server.output()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -245,21 +246,28 @@ def test_one_scrape_covers_every_worker_also_after_one_was_killed(
     assert wait_for(lambda: server.get(f"{API}/stats").json()["workers"]["count"] == 2)
     sid = new_session_id()
     post_to(server, f"{API}/sessions/batch", {"sessions": [session(session_id=sid)]})
-    for _ in range(12):
-        post_to(server, f"{API}/tasks/batch", {"tasks": [task(sid)]})
-    stats = server.get(f"{API}/stats").json()
-    assert all(stats["workers"]["buffered"]), "the batches did not reach both workers"
+    sent = 0
+    # Eight at a time, each on a new connection, until both workers hold some: a busy
+    # worker leaves the next connection to the other.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(20):
+            batches = [{"tasks": [task(sid) for _ in range(3)]} for _ in range(8)]
+            list(pool.map(lambda body: post_to(server, f"{API}/tasks/batch", body), batches))
+            sent += 24
+            if all(server.get(f"{API}/stats").json()["workers"]["buffered"]):
+                break
+    assert all(server.get(f"{API}/stats").json()["workers"]["buffered"]), "not spread"
 
     samples = scrape_server(server)
     assert value(samples, "persistence_workers") == 2
-    assert value(samples, "persistence_records_received_total", type="task") == 12
-    assert value(samples, "persistence_buffered_records", type="task") == 12
+    assert value(samples, "persistence_records_received_total", type="task") == sent
+    assert value(samples, "persistence_buffered_records", type="task") == sent
 
     assert server.post(f"{API}/flush").status_code == 200
     samples = scrape_server(server)
-    assert value(samples, "persistence_rows_written_total", type="task") == 12
+    assert value(samples, "persistence_rows_written_total", type="task") == sent
     assert value(samples, "persistence_buffered_records", type="task") == 0
-    assert mysql_db.count("translation_tasks") == 12
+    assert mysql_db.count("translation_tasks") == sent
 
     victim = server.get(f"{API}/stats").json()["workers"]["pids"][0]
     os.kill(victim, signal.SIGKILL)
@@ -272,8 +280,8 @@ def test_one_scrape_covers_every_worker_also_after_one_was_killed(
     )
     samples = scrape_server(server)
     assert value(samples, "persistence_workers") == 2  # the dead worker's gauges are gone
-    assert value(samples, "persistence_rows_written_total", type="task") == 12  # counted
-    assert value(samples, "persistence_records_received_total", type="task") == 12
+    assert value(samples, "persistence_rows_written_total", type="task") == sent  # counted
+    assert value(samples, "persistence_records_received_total", type="task") == sent
 
 
 @pytest.mark.e2e
