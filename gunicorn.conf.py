@@ -22,6 +22,7 @@ the old worker's heartbeat instead, which the worker keeps alive until its
 final flush is done.
 """
 
+import os
 import shutil
 import ssl
 import sys
@@ -44,6 +45,12 @@ loglevel = _settings.service.log_level.lower()
 graceful_timeout = _settings.service.graceful_timeout
 accesslog = "-"
 errorlog = "-"
+# gunicorn's default line, then the request id the service answered (X-Request-ID).
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+)
+if _settings.logging.format == "json":
+    logger_class = "persistence.logs.JsonGunicornLogger"
 # gunicorn's own runtime control socket is not used; without it, instances never collide.
 control_socket_disable = True
 # HTTPS on the listener itself (service.tls_*); the worker drives the handshakes on its
@@ -60,6 +67,14 @@ def on_starting(server):
     # One private directory per master for the workers' control sockets, kept on the
     # arbiter: this file is read again on SIGHUP, the arbiter stays.
     server.persistence_control_dir = create_control_directory(server.cfg.uid, server.cfg.gid)
+    # prometheus_client's multiprocess mode (persistence/metrics.py): the workers' values
+    # live in files there. Set before any process imports prometheus_client, which reads
+    # it once: the workers import the application after the fork, with this environment.
+    metrics_dir = server.persistence_control_dir / "metrics"
+    metrics_dir.mkdir(mode=0o700)
+    if (server.cfg.uid, server.cfg.gid) != (os.geteuid(), os.getegid()):
+        os.chown(metrics_dir, server.cfg.uid, server.cfg.gid)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
 
 def post_fork(server, worker):
@@ -81,6 +96,14 @@ def worker_exit(server, worker):
     # started a service (the flag is set after the fork, in the worker's memory).
     if getattr(worker, "service_started", False):
         worker.service.stop()
+
+
+def child_exit(server, worker):
+    # In the master: the exited worker's gauges leave the scrape (its counters stay).
+    # Imported here, long after on_starting set the multiprocess directory.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, str(server.persistence_control_dir / "metrics"))
 
 
 def on_exit(server):

@@ -23,7 +23,8 @@ def create_app(config: Settings | Mapping[str, Mapping[str, Any]] | None = None)
     which gunicorn.conf.py calls in each worker after the fork.
     """
     from persistence import cli, errors, logs
-    from persistence.api import register_blueprints
+    from persistence.api import hooks, register_blueprints
+    from persistence.auth import BearerTokens
     from persistence.jsonprovider import OrjsonProvider
     from persistence.service import PersistenceService
 
@@ -43,6 +44,7 @@ def create_app(config: Settings | Mapping[str, Mapping[str, Any]] | None = None)
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["persistence"] = PersistenceService(settings)
     errors.register_error_handlers(app)
+    hooks.init_app(app, BearerTokens(settings.service.auth_tokens))
     register_blueprints(app)
     cli.init_app(app)
     return app

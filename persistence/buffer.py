@@ -96,6 +96,7 @@ class Buffer:
         self._reserved = 0
         self._reserved_bytes = 0
         self._received = {kind.name: 0 for kind in RECORD_TYPES}
+        self._draining: list[Batch] = []
 
     def reserve(self, count: int, nbytes: int) -> Reservation:
         """Admit a batch of ``count`` records and ``nbytes`` bytes, or raise BufferFull."""
@@ -138,6 +139,7 @@ class Buffer:
             self._nbytes = 0
             self._in_flight += len(batch)
             self._in_flight_bytes += batch.nbytes
+            self._draining.append(batch)
             return batch
 
     def restore(self, kind: RecordType, records: dict[str, Record], waiting: bool = False) -> None:
@@ -165,6 +167,7 @@ class Buffer:
         with self._lock:
             self._in_flight -= len(batch)
             self._in_flight_bytes -= batch.nbytes
+            self._draining = [b for b in self._draining if b is not batch]
 
     def counts(self) -> dict[str, int]:
         """Buffered records by type, ``in_flight`` and ``waiting`` (tasks whose session is
@@ -175,6 +178,17 @@ class Buffer:
             counts["waiting"] = len(self._waiting)
             counts["bytes"] = self._nbytes + self._in_flight_bytes + self._reserved_bytes
             return counts
+
+    def oldest_stamp(self) -> int | None:
+        """The arrival stamp of the oldest record held (buffered or in flight), or None.
+
+        Only the references are copied under the lock; the stamps are read after
+        it is released, so this costs request threads a list copy, not a scan.
+        """
+        with self._lock:
+            held = [list(records.values()) for records in self._records.values()]
+            held += [list(r.values()) for b in self._draining for r in b.encoded.values()]
+        return min((min(map(stamp_of, records)) for records in held if records), default=None)
 
     def sample_keys(self, limit: int) -> dict[str, list[str]]:
         """Up to ``limit`` buffered keys of each type (for logging what would be lost)."""

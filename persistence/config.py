@@ -30,6 +30,7 @@ import yaml
 CONFIG_PATH_ENV = "PERSISTENCE_CONFIG"
 DEFAULT_CONFIG_PATH = "config.yaml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 DRIVERS = ("sqlite", "mysql")
 
 
@@ -195,9 +196,7 @@ class HealthSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = _setting("INFO", "LOG_LEVEL", _one_of(*LOG_LEVELS), str.upper)
-    format: str = _setting(
-        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s", "LOG_FORMAT", _non_empty
-    )
+    format: str = _setting("text", "LOG_FORMAT", _one_of(*LOG_FORMATS), str.lower)
     file: str = _setting("logs/persistence_service.log", "LOG_FILE")
     max_bytes: int = _setting(10 * 1024 * 1024, "LOG_MAX_BYTES", _between(1024, 1024**4))
     backup_count: int = _setting(5, "LOG_BACKUP_COUNT", _between(0, 1000))

@@ -1,7 +1,8 @@
 """Typed errors of the API and the one JSON envelope every error answer uses.
 
 Every error, including 404, 405 and unexpected 500s, answers
-``{"detail": "<a sentence>", ...}`` with a JSON content type; never HTML.
+``{"detail": "<a sentence>", ..., "request_id": "<the X-Request-ID>"}`` with a
+JSON content type; never HTML.
 The HTTP worker (:mod:`persistence.http_worker`) writes the same envelope
 for the errors it answers itself: gunicorn's protocol errors, requests that
 stop arriving (408), and malformed chunked bodies.
@@ -14,6 +15,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+
+from persistence.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,12 @@ class RequestTimeout(ApiError):
     """408: the request (its body) stopped arriving; the connection is closed."""
 
     status = 408
+
+
+class Unauthorized(ApiError):
+    """401: the request lacks a valid bearer token (``service.auth_tokens``)."""
+
+    status = 401
 
 
 class PayloadTooLarge(ApiError):
@@ -73,7 +82,10 @@ def envelope(detail: str, **extra: Any) -> dict[str, Any]:
 def error_response(
     code: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    """The JSON error envelope, with HTTP status ``code``."""
+    """The JSON error envelope, with HTTP status ``code`` and the request's ``request_id``."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        extra["request_id"] = request_id
     response = jsonify(envelope(detail, **extra))
     response.status_code = code
     for name, value in (headers or {}).items():

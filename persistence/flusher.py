@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 from persistence.config import BufferSettings
 from persistence.durable import DurableBuffer
@@ -64,6 +65,9 @@ from persistence.store import (
     StoreError,
     UnclassifiedError,
 )
+
+if TYPE_CHECKING:
+    from persistence.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +102,11 @@ def iso(moment: datetime | None) -> str | None:
 
 
 class FlushStats:
-    """Counters of the flushes of this process (guarded by the flusher's lock)."""
+    """Counters of the flushes of this process (guarded by the flusher's lock), also
+    counted in ``metrics`` when given."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+        self.metrics = metrics
         self.started_at = utc_now()
         self.last_flush_time: datetime | None = None
         self.last_error: str | None = None
@@ -122,6 +128,14 @@ class FlushStats:
             self.sessions_written += count
         else:
             self.tasks_written += count
+        if self.metrics is not None:
+            self.metrics.written(kind.name, count)
+
+    def add_dead_letter(self, kind: RecordType, reason: str) -> None:
+        self.dead_lettered[kind.name] += 1
+        self.dead_letter_reasons[reason] += 1
+        if self.metrics is not None:
+            self.metrics.dead_letter(kind.name, reason)
 
     def record_success(self, duration_ms: float, at: datetime) -> None:
         if at.date() != self._day:
@@ -130,6 +144,8 @@ class FlushStats:
         self._flushes_that_day += 1
         self.total_duration_ms += duration_ms
         self.last_flush_time = at
+        if self.metrics is not None:
+            self.metrics.flush_succeeded(duration_ms)
 
     def flushes_today(self, now: datetime) -> int:
         """Successful flushes since midnight UTC of ``now``."""
@@ -138,6 +154,8 @@ class FlushStats:
     def record_failure(self, error: str, category: str, at: datetime) -> None:
         self.failed_flush_count += 1
         self.last_error, self.last_error_category, self.last_error_time = error, category, at
+        if self.metrics is not None:
+            self.metrics.flush_failed(category)
 
 
 class _Owned:
@@ -182,11 +200,12 @@ class Flusher:
         probe: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.durable = durable
         self.store = store
         self.settings = settings
-        self.stats = FlushStats()
+        self.stats = FlushStats(metrics)
         self._probe = probe
         self._clock = clock
         self._wall_clock = wall_clock
@@ -363,8 +382,7 @@ class Flusher:
             return
         for letter in letters:
             owned.resolve(letter.kind, [letter.record[letter.kind.key]])
-            self.stats.dead_lettered[letter.kind.name] += 1
-            self.stats.dead_letter_reasons[letter.reason] += 1
+            self.stats.add_dead_letter(letter.kind, letter.reason)
         owned.dead_lettered += len(letters)
 
     # --- failures ---------------------------------------------------------------------------

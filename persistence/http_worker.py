@@ -94,6 +94,7 @@ from persistence.http_connection import (
     TlsClientSocket,
     Verdict,
 )
+from persistence.logs import new_request_id
 
 if TYPE_CHECKING:
     from persistence.service import PersistenceService
@@ -535,14 +536,19 @@ def _answer_now(sock: Any, status: int, detail: str, retry_after: int | None = N
 
 
 def _response(status: int, detail: str, retry_after: int | None = None) -> bytes:
-    """A whole JSON error response that announces the close that follows."""
+    """A whole JSON error response that announces the close that follows.
+
+    No request reached the application: the answer gets a request id of its own.
+    """
     extra = {"retry_after": retry_after} if retry_after else {}
-    body = orjson.dumps(envelope(detail, **extra))
+    request_id = new_request_id()
+    body = orjson.dumps(envelope(detail, **extra, request_id=request_id))
     head = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "Connection: close",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
+        f"X-Request-ID: {request_id}",
     ]
     if retry_after:
         head.append(f"Retry-After: {retry_after}")

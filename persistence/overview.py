@@ -22,6 +22,7 @@ from persistence.durable import DurableBuffer
 from persistence.errors import ServiceUnavailable
 from persistence.flusher import Flusher, FlushFailed, iso, utc_now
 from persistence.health import HealthMonitor
+from persistence.metrics import ServiceMetrics, WorkerState
 from persistence.receiver import Receiver
 from persistence.records import SESSIONS, TASKS
 from persistence.runtime import WorkerRuntime
@@ -45,8 +46,10 @@ class Overview:
         health: HealthMonitor,
         receiver: Receiver,
         runtime: WorkerRuntime,
+        metrics: ServiceMetrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.durable = durable
         self.store = store
         self.flusher = flusher
@@ -122,6 +125,12 @@ class Overview:
         combined["workers"]["unreachable"] = len(peers) - len(answered)
         return combined
 
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the service, every worker's gauges refreshed first."""
+        ask_peers(self.runtime.control, "metrics", PEER_QUERY_TIMEOUT)
+        self.worker_refresh_metrics()
+        return self.metrics.exposition()
+
     def retry_after(self) -> int:
         """Seconds a client should wait: the backoff if any, else a few seconds."""
         wait = self.flusher.backoff_remaining() or min(self.settings.buffer.flush_interval, 5)
@@ -135,6 +144,7 @@ class Overview:
             "flush": self.worker_flush,
             "stats": self.worker_stats,
             "health": self.worker_health,
+            "metrics": self.worker_refresh_metrics,
         }
         if op not in answers:
             return {"error": f"unknown operation {op!r}"}
@@ -169,6 +179,32 @@ class Overview:
         if journal is not None and not journal.healthy:
             problems.append("the journal cannot be written; batches are refused with 503")
         return problems
+
+    def worker_refresh_metrics(self) -> dict[str, Any]:
+        """Set this worker's gauges to its state now (before a scrape reads them)."""
+        self.metrics.refresh(self.worker_state())
+        return {"refreshed": True}
+
+    def worker_state(self) -> WorkerState:
+        buffer = self.durable.buffer
+        counts = buffer.counts()
+        buf = self.settings.buffer
+        held = counts["sessions"] + counts["tasks"] + counts["in_flight"]
+        journal = self.durable.journal
+        return WorkerState(
+            buffered={SESSIONS.name: counts["sessions"], TASKS.name: counts["tasks"]},
+            in_flight=counts["in_flight"],
+            tasks_waiting=counts["waiting"],
+            buffered_bytes=counts["bytes"],
+            oldest_stamp_us=buffer.oldest_stamp(),
+            hard_limit_usage=max(held / buf.hard_limit, counts["bytes"] / buf.hard_limit_bytes),
+            database_up=self.health.database_healthy(),
+            failures_in_a_row=self.flusher.failures_in_a_row,
+            needs_operator=self.flusher.operator_error is not None,
+            journal_healthy=journal.healthy if journal is not None else True,
+            journal_fsyncs=journal.fsyncs if journal is not None else 0,
+            journal_failures=journal.failures if journal is not None else 0,
+        )
 
     def worker_stats(self) -> dict[str, Any]:
         counts = self.durable.buffer.counts()

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persistence.buffer import BufferFull
 from persistence.config import Settings
@@ -24,6 +24,9 @@ from persistence.records import SESSIONS, TASKS, DictBatch, EncodableBatch, Reco
 from persistence.schemas import build_session_schema, build_task_schema
 from persistence.typed import TypedDecoder
 
+if TYPE_CHECKING:
+    from persistence.metrics import ServiceMetrics
+
 log = logging.getLogger(__name__)
 
 # Why records were refused, as counted in /stats "refused".
@@ -34,6 +37,7 @@ REFUSAL_REASONS = (
     "invalid",
     "buffer_full",
     "journal_error",
+    "unauthorized",
 )
 
 
@@ -47,8 +51,10 @@ class Receiver:
         wake_flusher: Callable[[], None],
         retry_after: Callable[[], int],
         max_record_bytes: Callable[[], int | None] = lambda: None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
         self.durable = durable
         self._max_record_bytes = max_record_bytes
         self._wake_flusher = wake_flusher
@@ -93,6 +99,8 @@ class Receiver:
                 "and it may be sent again safely.",
                 retry_after=self._retry_after(),
             ) from None
+        if self._metrics is not None:
+            self._metrics.received(kind.name, len(batch))
         if ready >= self.settings.buffer.max_buffer_size:
             self._wake_flusher()
         return len(batch)
@@ -125,6 +133,8 @@ class Receiver:
         with self._lock:
             self._refused[reason] += 1
             self._refused_records[reason] += records
+        if self._metrics is not None:
+            self._metrics.refused(reason, records)
 
     def refusals(self) -> dict[str, dict[str, int]]:
         """Refused batches and records by reason, every reason listed."""

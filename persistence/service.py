@@ -19,11 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from persistence.auth import BearerTokens, log_policy
 from persistence.buffer import Buffer
 from persistence.config import Settings
 from persistence.durable import DurableBuffer
 from persistence.flusher import Flusher
 from persistence.health import HealthMonitor
+from persistence.metrics import ServiceMetrics, multiprocess_directory
 from persistence.overview import Overview
 from persistence.receiver import Receiver
 from persistence.records import RecordType
@@ -37,11 +39,14 @@ class PersistenceService:
     def __init__(self, settings: Settings) -> None:
         buf = settings.buffer
         self.settings = settings
+        self.metrics = ServiceMetrics(multiprocess_directory())
         self.buffer = Buffer(buf.hard_limit, buf.hard_limit_bytes)
         self.durable = DurableBuffer(self.buffer)
         self.store = Store(settings.database)
         self.health = HealthMonitor(self.store, settings.health)
-        self.flusher = Flusher(self.durable, self.store, buf, probe=self.health.refresh)
+        self.flusher = Flusher(
+            self.durable, self.store, buf, probe=self.health.refresh, metrics=self.metrics
+        )
         self.runtime = WorkerRuntime(settings, self.durable, self.store, self.flusher, self.health)
         self.receiver = Receiver(
             settings,
@@ -49,6 +54,7 @@ class PersistenceService:
             self.runtime.wake_flusher,
             self._retry_after,
             self.store.max_record_bytes,
+            self.metrics,
         )
         self.overview = Overview(
             settings,
@@ -58,11 +64,13 @@ class PersistenceService:
             self.health,
             self.receiver,
             self.runtime,
+            self.metrics,
         )
 
     def start(self, control_dir: Path | None = None) -> None:
         """Start this worker's threads (after gunicorn forks); see :class:`WorkerRuntime`."""
         self.runtime.start(self.overview.answer_peer, control_dir)
+        log_policy(BearerTokens(self.settings.service.auth_tokens))
 
     def begin_shutdown(self) -> None:
         """Start the final flush now, while requests in flight finish (idempotent)."""
@@ -86,6 +94,9 @@ class PersistenceService:
 
     def stats(self) -> dict[str, Any]:
         return self.overview.stats()
+
+    def metrics_text(self) -> bytes:
+        return self.overview.metrics_text()
 
     def _retry_after(self) -> int:
         return self.overview.retry_after()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import persistence_client
 import persistence_client.sync
 import pytest
@@ -536,6 +537,45 @@ def test_the_sync_twin_delivers_and_sends_its_queue_on_close(
     ids = [t["task_id"] for t in last]
     assert wait_for(lambda: task_ids_in(mysql_db, ids) == set(ids))  # the service's own flush
     assert_conserved(stats)
+
+
+@pytest.mark.mysql
+@pytest.mark.e2e
+def test_gzip_bodies_and_a_token_land_through_the_real_service(
+    start_server: Callable[..., Server], mysql_env: dict[str, str], mysql_db: Database
+) -> None:
+    token = "tok-" + f"{random.getrandbits(128):032x}"
+    server = start_server(**mysql_env, SERVICE_AUTH_TOKENS=token, BUFFER_FLUSH_INTERVAL="0.2")
+    sid = new_session_id()
+    tasks = [task(sid, source_text="The gate opens at dawn. " * 40) for _ in range(20)]
+
+    async def backend(key: str) -> tuple[bool, ClientStats]:
+        async with PersistenceClient(
+            server.url, token=key, gzip=True, batch_size=5, linger=0.05, max_retries=1
+        ) as client:
+            await client.persist_session(session(session_id=sid))
+            await client.persist_tasks(tasks)
+            flushed = await client.flush_all(timeout=10)
+        return flushed, client.stats
+
+    refused_flush, refused = asyncio.run(backend("not-the-token"))
+    assert not refused_flush
+    assert refused.refused_by_status == {401: 21}  # refused at once, not retried
+    assert refused.retries == 0
+    assert_conserved(refused)
+
+    flushed, stats = asyncio.run(backend(token))
+    assert flushed
+    assert (stats.sent, stats.given_up, stats.refused) == (21, 0, 0)
+    assert task_ids_in(mysql_db, [t["task_id"] for t in tasks]) == {t["task_id"] for t in tasks}
+    answer = httpx.get(
+        server.url + STATS_URL, headers={"Authorization": f"Bearer {token}"}, timeout=5
+    )
+    service_view = answer.json()
+    assert service_view["performance"]["tasks_received"] == 20
+    # The refused client's 4 task batches, its session batch and its flush.
+    assert service_view["refused"]["unauthorized"]["batches"] == 6
+    assert token not in server.output()
 
 
 # --- against a recording server: the wire, the status rules, close and exit ---------------

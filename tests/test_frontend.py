@@ -639,7 +639,8 @@ def test_https_with_a_self_signed_certificate_serves_and_refuses_plain_http_clea
     assert plain.status_code == 400
     assert plain.headers["content-type"] == "application/json"
     assert plain.json() == {
-        "detail": "This port speaks HTTPS: send the request over TLS (https://)."
+        "detail": "This port speaks HTTPS: send the request over TLS (https://).",
+        "request_id": plain.headers["X-Request-ID"],
     }
     with closing(connect(server)) as sock:
         sock.sendall(request_bytes("GET", "/health"))

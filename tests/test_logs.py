@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from persistence.logs import configure_logging
 
 path, writer, lines, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 configure_logging(LoggingSettings(
-    file=path, max_bytes=int(sys.argv[5]), backup_count=10000, format="%(message)s"
+    file=path, max_bytes=int(sys.argv[5]), backup_count=10000, format="json"
 ))
 while not os.path.exists(go):
     time.sleep(0.005)
@@ -54,7 +55,11 @@ def test_several_processes_rotate_one_file_without_losing_or_misplacing_a_line(
     assert [writer.wait(timeout=60) for writer in writers] == [0] * WRITERS
 
     files = [path, *sorted(path.parent.glob("service.log.*[0-9]"))]
-    lines = [line for file in files for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [
+        json.loads(line)["message"]
+        for file in files
+        for line in file.read_text(encoding="utf-8").splitlines()
+    ]
     expected = [f"writer {n} line {i:05d} {'x' * 40}" for n in range(WRITERS) for i in range(LINES)]
     assert sorted(lines) == sorted(expected)  # each line once: none lost, none doubled
     assert len(files) > 10  # it did rotate, many times

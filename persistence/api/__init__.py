@@ -13,7 +13,7 @@ def service() -> PersistenceService:
 
 
 def register_blueprints(app: Flask) -> None:
-    from persistence.api import ingest, operations, status
+    from persistence.api import docs, ingest, metrics, operations, status
 
-    for module in (status, ingest, operations):
+    for module in (status, ingest, operations, metrics, docs):
         app.register_blueprint(module.bp)

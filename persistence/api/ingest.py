@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from persistence.api import service
+from persistence.contentcoding import coding_of, inflate
 from persistence.errors import ApiError, PayloadTooLarge, UnsupportedMediaType
 from persistence.flusher import iso, utc_now
 from persistence.records import SESSIONS, TASKS, RecordType
@@ -37,10 +38,14 @@ def _accept(kind: RecordType) -> Response:
 
 
 def _json_body() -> bytes:
-    """The raw body of a JSON request within the size limit, or a 413/415 error."""
+    """The JSON body of a request, inflated if it came compressed; 400, 413 or 415 if not.
+
+    ``service.max_request_bytes`` limits the body as sent and as inflated.
+    """
     if not request.is_json:
         sent = request.mimetype or "none"
         raise UnsupportedMediaType(f"Content-Type must be application/json, not {sent}.")
+    coding = coding_of(request.headers.get("Content-Encoding"))
     limit = service().settings.service.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
@@ -55,4 +60,4 @@ def _json_body() -> bytes:
             f"Request body is larger than the limit of {limit} bytes "
             "(service.max_request_bytes). Send smaller batches."
         )
-    return data
+    return data if coding is None else inflate(data, coding, limit)
