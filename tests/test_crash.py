@@ -69,7 +69,10 @@ def test_kill_9_under_load_loses_no_acknowledged_record(
     assert landed_before < len(acked), "everything landed before the kill: nothing was tested"
 
     restarted = start_server(**env)
-    assert restarted.post(f"{API}/flush").status_code == 200
+    # Both workers adopt journals as they start; a flush reaches a worker once it listens.
+    assert wait_for(lambda: restarted.get(f"{API}/stats").json()["workers"]["count"] == 2)
+    flushed = restarted.post(f"{API}/flush")
+    assert (flushed.status_code, flushed.json()["workers"]) == (200, 2)
     landed = {row[0] for row in mysql_db.query("SELECT task_id FROM translation_tasks")}
     missing = set(acked) - landed
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged tasks were lost"
