@@ -139,9 +139,9 @@ class Store:
             self._run(self.dialect.prepare_database, self._current_server())
         with self._connection() as conn:
             cur = conn.cursor()
-            if self._missing_schema(cur):
+            if self._missing_schema(conn, cur):
                 with self._schema_lock(cur):
-                    missing = self._missing_schema(cur)
+                    missing = self._missing_schema(conn, cur)
                     if missing:
                         self._create_missing(conn, cur, missing)
             self._run(conn.rollback)
@@ -157,7 +157,7 @@ class Store:
         else:
             with self._connection() as conn:
                 cur = conn.cursor()
-                missing = [kind for kind in self._missing_schema(cur) if kind is not None]
+                missing = [kind for kind in self._missing_schema(conn, cur) if kind is not None]
                 if missing:
                     with self._schema_lock(cur):
                         self._add_order_column(conn, cur, missing)
@@ -165,9 +165,14 @@ class Store:
         self.max_allowed_packet = self._read_max_allowed_packet()
         self._prepared = True
 
-    def _missing_schema(self, cur: Any) -> list[RecordType | None]:
+    def _missing_schema(self, conn: Any, cur: Any) -> list[RecordType | None]:
         """The record tables that lack ``ingest_seq`` (or do not exist), and None when the
-        dead-letter table does not exist. Reads only: no lock is taken."""
+        dead-letter table does not exist.
+
+        The read transaction ends before this returns: a connection that kept the
+        tables' metadata locks while it waited for the schema lock would block the
+        schema change of the instance holding that lock.
+        """
         missing: list[RecordType | None] = []
         checks: list[tuple[RecordType | None, str]] = [
             (kind, f"SELECT {ORDER_COLUMN} FROM {kind.table} WHERE 1 = 0") for kind in RECORD_TYPES
@@ -179,6 +184,7 @@ class Store:
                 self._run(cur.fetchall)
             except OperatorError:
                 missing.append(kind)
+        self._run(conn.rollback)
         return missing
 
     @contextlib.contextmanager
@@ -211,7 +217,7 @@ class Store:
         for statement in split_statements(sql_file(self.dialect.ddl_file)):
             self._tolerate_existing(cur, statement)
         self._run(conn.commit)
-        self._add_order_column(conn, cur, [kind for kind in self._missing_schema(cur) if kind])
+        self._add_order_column(conn, cur, [kind for kind in self._missing_schema(conn, cur) if kind])
 
     def _add_order_column(self, conn: Any, cur: Any, kinds: list[RecordType]) -> None:
         """Add ``ingest_seq`` to tables created before it existed."""
@@ -494,12 +500,24 @@ class Store:
             raise
 
     def _enable_wal(self) -> None:
-        # WAL lets the health probe and readers work while the flusher writes.
-        conn = self.dialect.connect_once(self.settings.write_timeout, None)
+        """Switch the SQLite file to WAL, which lets the health probe and readers work
+        while the flusher writes. The mode is stored in the file: once one process has
+        switched it, the others find it done (the switch itself fails while another
+        connection is busy, which is no matter if that other process switched it)."""
+        conn = self._run(self.dialect.connect_once, self.settings.write_timeout, None)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            if self._journal_mode(conn) == "wal":
+                return
+            try:
+                self._run(conn.execute, "PRAGMA journal_mode = WAL")
+            except TransientError:
+                if self._journal_mode(conn) != "wal":
+                    raise
         finally:
             conn.close()
+
+    def _journal_mode(self, conn: Any) -> str:
+        return str(self._run(conn.execute, "PRAGMA journal_mode").fetchone()[0]).lower()
 
     def _run(self, func: Any, *args: Any) -> Any:
         """Call a driver function, turning its exceptions into the :class:`StoreError` class
