@@ -217,7 +217,8 @@ class Store:
         for statement in split_statements(sql_file(self.dialect.ddl_file)):
             self._tolerate_existing(cur, statement)
         self._run(conn.commit)
-        self._add_order_column(conn, cur, [kind for kind in self._missing_schema(conn, cur) if kind])
+        still_missing = self._missing_schema(conn, cur)
+        self._add_order_column(conn, cur, [kind for kind in still_missing if kind is not None])
 
     def _add_order_column(self, conn: Any, cur: Any, kinds: list[RecordType]) -> None:
         """Add ``ingest_seq`` to tables created before it existed."""
