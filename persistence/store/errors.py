@@ -8,7 +8,7 @@ the most specific of these classes::
     ├── TransientError      the database is unreachable, busy or restarting: retry later
     │   ├── ConnectionLost  the connection died during a statement; also what a server
     │   │                   does to a statement larger than max_allowed_packet
-    │   ├── Conflict        a deadlock or a Galera certification conflict: the transaction
+    │   ├── Conflict        a deadlock or a certification conflict: the transaction
     │   │                   lost a race with another writer; retry it at once
     │   └── ServerNotReady  the server does not accept writes now (a Galera node out of
     │                       the primary component, joining or donating)
@@ -64,7 +64,8 @@ class ConnectionLost(TransientError):
 
 
 class Conflict(TransientError):
-    """A deadlock, or a Galera certification conflict (both are error 1213)."""
+    """A deadlock or a Galera certification conflict (both error 1213), or a Group
+    Replication certification conflict (3101): another writer won the race."""
 
     category = "conflict"
 
@@ -124,6 +125,7 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
         TransientError,
     ),
     1213: Conflict,  # deadlock (and Galera certification conflict)
+    3101: Conflict,  # transaction rolled back at commit (Group Replication certification)
     1047: ServerNotReady,  # WSREP has not yet prepared node for application use (Galera)
     **dict.fromkeys(
         (
