@@ -512,10 +512,14 @@ def test_the_probe_ends_the_backoff_and_the_flush_follows_at_once(
     sid = new_session_id()
     body = {"sessions": [session(session_id=sid)]}
     assert client.post(f"{API}/sessions/batch", json=body).status_code == 200
-    service.runtime.wake_flusher()
-    assert wait_for(lambda: service.flusher.backoff_remaining() > 0, timeout=10)
-    # The backoff is up to 60 s; the database returns now.
-    second.set_mode("pass")
+
+    def backing_off_long() -> bool:
+        if service.flusher.backoff_remaining() == 0:
+            service.runtime.wake_flusher()  # fail (again): full jitter may draw a short wait
+        return service.flusher.backoff_remaining() > 30
+
+    assert wait_for(backing_off_long, timeout=30)
+    second.set_mode("pass")  # the database returns, half a minute before the backoff ends
     assert wait_for(lambda: db.count("translation_sessions") == 1, timeout=10), (
         "the flush waited for its backoff although the probe saw the database back"
     )
