@@ -124,7 +124,11 @@ class GaleraNode:
             status = self.status()
         except pymysql.MySQLError:
             return False
-        return status.get("wsrep_local_state") == SYNCED and status.get("wsrep_ready") == "ON"
+        return (
+            status.get("wsrep_local_state") == SYNCED
+            and status.get("wsrep_ready") == "ON"
+            and status.get("wsrep_cluster_status") == "Primary"
+        )
 
 
 class GaleraCluster:
