@@ -179,6 +179,12 @@ class WorkerRuntime:
             scheduler, self._scheduler = self._scheduler, None
             early = self._early_flush
         if scheduler is not None:
+            # APScheduler's main loop fails (JobLookupError, in its own thread) to remove a
+            # one-shot job it is starting when shutdown() lands meanwhile; a wake-up from a
+            # request or a health probe may be just that. Paused, the loop starts nothing
+            # new, and get_jobs() waits until a loop under way has let go of the job store.
+            scheduler.pause()
+            scheduler.get_jobs()
             scheduler.shutdown(wait=True)
         if early is not None:
             early.join()

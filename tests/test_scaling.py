@@ -451,7 +451,11 @@ def listed_app(
         make_settings(
             tmp_path,
             database=database,
-            buffer={"flush_interval": 3600, "retry_backoff_initial": 60, "retry_backoff_max": 60},
+            buffer={
+                "flush_interval": 3600,
+                "retry_backoff_initial": 600,
+                "retry_backoff_max": 600,
+            },
             health={"check_interval": 0.5},
             service={"instance_id": "east-1"},
         )
@@ -518,8 +522,8 @@ def test_the_probe_ends_the_backoff_and_the_flush_follows_at_once(
             service.runtime.wake_flusher()  # fail (again): full jitter may draw a short wait
         return service.flusher.backoff_remaining() > 30
 
-    assert wait_for(backing_off_long, timeout=30)
-    second.set_mode("pass")  # the database returns, half a minute before the backoff ends
+    assert wait_for(backing_off_long, timeout=60)
+    second.set_mode("pass")  # the database returns, at least half a minute before the backoff ends
     assert wait_for(lambda: db.count("translation_sessions") == 1, timeout=10), (
         "the flush waited for its backoff although the probe saw the database back"
     )
