@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,74 @@ def _bearer_tokens(value: Any) -> str | None:
     return None
 
 
+def _instance_id(value: Any) -> str | None:
+    if len(value) > 200 or not value.isprintable() or any(c.isspace() for c in value):
+        return "must be at most 200 printable characters without spaces"
+    return None
+
+
+@dataclass(frozen=True)
+class DatabaseServer:
+    """One MySQL/MariaDB server of ``database.host``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_servers(text: str, default_port: int) -> tuple[DatabaseServer, ...]:
+    """The servers of a ``database.host`` value: ``host``, ``host:port`` or ``[ipv6]:port``,
+    separated by commas; an entry without a port gets ``default_port``.
+
+    Raises ValueError saying what is wrong with the first bad entry.
+    """
+    if not text.strip():
+        raise ValueError("must not be empty")
+    servers: list[DatabaseServer] = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            raise ValueError("must list host names separated by commas, without empty entries")
+        host, port = _split_host_port(entry, default_port)
+        server = DatabaseServer(host, port)
+        if server in servers:
+            raise ValueError(f"lists {server} twice")
+        servers.append(server)
+    return tuple(servers)
+
+
+def _split_host_port(entry: str, default_port: int) -> tuple[str, int]:
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or not host or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r} is not [IPv6 address] or [IPv6 address]:port")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError(f"{entry!r}: write an IPv6 address in brackets, e.g. [::1]:3306")
+    else:
+        host, colon, port_text_or_empty = entry.partition(":")
+        port_text = port_text_or_empty if colon else None
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{entry!r} has no valid host name")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be an integer 1-65535")
+    return host, int(port_text)
+
+
+def _server_list(value: Any) -> str | None:
+    try:
+        # The real default port is only known with the whole section: entries that
+        # name the same server only with it are caught by _check_cross_field.
+        parse_servers(value, 0)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _status_set(value: Any) -> str | None:
     if not value:
         return "must list at least one status"
@@ -129,6 +198,14 @@ class ServiceSettings:
     tls_cert: str = _setting("", "SERVICE_TLS_CERT")
     tls_key: str = _setting("", "SERVICE_TLS_KEY")
     tls_client_ca: str = _setting("", "SERVICE_TLS_CLIENT_CA")
+    # Empty: "<host name>:<port>" (see effective_instance_id).
+    instance_id: str = _setting("", "SERVICE_INSTANCE_ID", _instance_id)
+    max_clock_skew: float = _setting(1.0, "SERVICE_MAX_CLOCK_SKEW", _between(0.001, 3600))
+
+    @property
+    def effective_instance_id(self) -> str:
+        """The name this instance gives itself: ``instance_id``, else ``<host name>:<port>``."""
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +233,8 @@ class BufferSettings:
 class DatabaseSettings:
     driver: str = _setting("sqlite", "DB_DRIVER", _one_of(*DRIVERS))
     sqlite_path: str = _setting("data/persistence.db", "DB_SQLITE_PATH", _non_empty)
-    host: str = _setting("localhost", "DB_HOST", _non_empty)
+    # One server, or several separated by commas (failover in that order).
+    host: str = _setting("localhost", "DB_HOST", _server_list)
     port: int = _setting(3306, "DB_PORT", _between(1, 65535))
     user: str = _setting("root", "DB_USER", _non_empty)
     password: str = _setting("", "DB_PASSWORD", secret=True)
@@ -175,6 +253,15 @@ class DatabaseSettings:
     ssl_verify_identity: bool = _setting(True, "DB_SSL_VERIFY_IDENTITY")
     ssl_cert: str = _setting("", "DB_SSL_CERT")
     ssl_key: str = _setting("", "DB_SSL_KEY")
+    max_rows_per_transaction: int = _setting(
+        5000, "DB_MAX_ROWS_PER_TRANSACTION", _between(1, 10_000_000)
+    )
+    conflict_retries: int = _setting(3, "DB_CONFLICT_RETRIES", _between(0, 100))
+
+    @property
+    def servers(self) -> tuple[DatabaseServer, ...]:
+        """The servers of ``host``, in failover order (validated when the settings load)."""
+        return parse_servers(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -418,6 +505,13 @@ def _check_cross_field(settings: Settings) -> None:
             f"service.request_timeout ({service.request_timeout}), or a request still "
             "arriving at a stop would use up the time of the final flush"
         )
+    try:
+        settings.database.servers  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        raise ConfigError(
+            f"database.host = {settings.database.host!r} (with database.port = "
+            f"{settings.database.port}): {exc}"
+        ) from None
     if buf.retry_backoff_max < buf.retry_backoff_initial:
         raise ConfigError(
             f"buffer.retry_backoff_max = {buf.retry_backoff_max}: "
@@ -513,7 +607,8 @@ def describe(settings: Settings) -> str:
     db = settings.database
     if db.driver == "sqlite":
         return f"sqlite file {db.sqlite_path}"
-    target = f"mysql {db.user}@{db.host}:{db.port}/{db.database}"
+    servers = ",".join(str(server) for server in db.servers)
+    target = f"mysql {db.user}@{servers}/{db.database}"
     if not db.ssl_ca:
         return f"{target}, TLS not required (unverified if the server offers it, else plain text)"
     tls = f"TLS required, server certificate must verify against {db.ssl_ca}"

@@ -23,16 +23,28 @@ every record put back on the way was journaled again.
 
 What one flush does
 -------------------
-1. Sessions are written first: one ``executemany`` + commit.
-2. Tasks whose session is in the database are written: one ``executemany``
-   + commit. Tasks whose session is not there yet go back to the buffer and
-   wait; after ``buffer.orphan_task_timeout`` seconds they are dead-lettered.
-3. The error decides the rest (:mod:`persistence.store.errors`):
+1. Sessions are written first, then tasks whose session is in the database.
+   Tasks whose session is not there yet go back to the buffer and wait; after
+   ``buffer.orphan_task_timeout`` seconds they are dead-lettered.
+2. Rows are written in key order, in transactions of at most
+   ``database.max_rows_per_transaction`` rows (one ``executemany`` + commit
+   each); the rows of each transaction are resolved as soon as its commit
+   returns. Key order makes concurrent writers lock rows in the same order
+   and keeps their transactions small, so they conflict less.
+3. A transaction that loses a race with another writer (deadlock, or a Galera
+   certification conflict: :class:`~persistence.store.errors.Conflict`) is
+   retried at once, up to ``database.conflict_retries`` times; each conflict is
+   counted and logged at WARNING. After that the flush ends like for any
+   transient error.
+4. The error decides the rest (:mod:`persistence.store.errors`):
    - a row error splits the rows in halves until the bad ones are isolated;
      the good rows are written, the bad ones dead-lettered;
    - a transient error ends the flush: what is unresolved goes back and the
      flusher backs off (exponential, full jitter); scheduled flushes wait it
-     out, ``POST /flush`` and shutdown do not;
+     out, ``POST /flush`` and shutdown do not. When the error said the database
+     could not be reached, the backoff ends as soon as a health probe that
+     started after the failure finds a writable server
+     (:meth:`Flusher.database_back`);
    - an error that needs an operator does the same, and is reported on
      ``/health`` and ``/stats`` until a flush succeeds;
    - an unclassified error or a lost connection is retried like a transient
@@ -57,19 +69,26 @@ from persistence.config import BufferSettings
 from persistence.durable import DurableBuffer
 from persistence.records import ORDER_COLUMN, RECORD_TYPES, SESSIONS, TASKS, Record, RecordType
 from persistence.store import (
+    Conflict,
     ConnectionLost,
     DeadLetter,
     OperatorError,
     RowError,
+    ServerNotReady,
     Store,
     StoreError,
     UnclassifiedError,
 )
+from persistence.store.errors import SERVER_UNAVAILABLE
 
 if TYPE_CHECKING:
     from persistence.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+# Conflicting writers that retried in step would collide again: each retry of a conflict
+# waits a random time up to this many seconds times its attempt number.
+CONFLICT_JITTER = 0.01
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,9 @@ class FlushStats:
         self.tasks_written = 0
         self.dead_lettered = {SESSIONS.name: 0, TASKS.name: 0}
         self.dead_letter_reasons: Counter[str] = Counter()
+        # Transactions committed, and deadlocks or certification conflicts met.
+        self.transactions = 0
+        self.conflicts = 0
         self._day: date = self.started_at.date()
         self._flushes_that_day = 0
 
@@ -199,19 +221,23 @@ class Flusher:
         settings: BufferSettings,
         probe: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
+        """``wall_clock`` (seconds since the epoch) measures how long tasks waited for
+        their session; by default the arrival clock's, on which their stamps were made."""
         self.durable = durable
         self.store = store
         self.settings = settings
         self.stats = FlushStats(metrics)
         self._probe = probe
         self._clock = clock
-        self._wall_clock = wall_clock
+        self._wall_clock = wall_clock or (lambda: durable.clock.now_us() / 1e6)
         self._flush_lock = threading.Lock()
         self._failures_in_a_row = 0
         self._retry_at = 0.0
+        # When the last failure said the database could not be reached (clock()), else None.
+        self._unreachable_since: float | None = None
         # The error of the last failed flush when it needs an operator; None once one succeeds.
         self.operator_error: str | None = None
 
@@ -222,6 +248,21 @@ class Flusher:
     def backoff_remaining(self) -> float:
         """Seconds before scheduled flushes try the database again (0 when not backing off)."""
         return max(0.0, self._retry_at - self._clock())
+
+    def database_back(self, probe_started: float) -> bool:
+        """A health probe that started at ``probe_started`` (on ``clock``) found a writable
+        server: end the backoff if the last flush failed because the database could not
+        be reached before that probe began. Whether it ended one (then flush soon).
+
+        Called from the probing thread; reads and writes two floats the flusher only
+        replaces whole, so no lock is needed.
+        """
+        since = self._unreachable_since
+        if since is None or probe_started < since or self._retry_at <= self._clock():
+            return False
+        self._retry_at, self._unreachable_since = 0.0, None
+        log.info("the database is back; flushes resume without waiting for the backoff")
+        return True
 
     def flush_if_due(self) -> FlushResult | None:
         """The scheduled flush: skipped while backing off after a failure."""
@@ -260,6 +301,7 @@ class Flusher:
             result = owned.result(started)
             if len(batch):
                 self._failures_in_a_row, self._retry_at, self.operator_error = 0, 0.0, None
+                self._unreachable_since = None
                 self.stats.record_success(result.duration_ms, utc_now())
                 log.info(
                     "flush wrote %d sessions, %d tasks in %.0f ms (%d waiting for their "
@@ -318,7 +360,17 @@ class Flusher:
     def _write_rows(
         self, kind: RecordType, rows: list[Record], owned: _Owned, isolate: bool
     ) -> None:
-        """Upsert ``rows``; split them to isolate rows the database refuses.
+        """Upsert ``rows`` in key order, in transactions of at most
+        ``database.max_rows_per_transaction`` rows, each resolved when it commits."""
+        rows = sorted(rows, key=lambda row: row[kind.key])
+        size = self.store.settings.max_rows_per_transaction
+        for start in range(0, len(rows), size):
+            self._write_chunk(kind, rows[start : start + size], owned, isolate)
+
+    def _write_chunk(
+        self, kind: RecordType, rows: list[Record], owned: _Owned, isolate: bool
+    ) -> None:
+        """Upsert ``rows`` in one transaction; split them to isolate rows the database refuses.
 
         Rows are resolved as soon as their commit returns. Row errors are always
         isolated; unclassified errors and lost connections only when ``isolate``
@@ -328,7 +380,7 @@ class Flusher:
         if not rows:
             return
         try:
-            self.store.upsert(kind, rows)
+            self._upsert(kind, rows)
         except RowError as exc:
             if len(rows) == 1:
                 self._refuse(owned, kind, rows[0], exc, "refused_by_database")
@@ -350,8 +402,31 @@ class Flusher:
             self.stats.add_written(kind, len(rows))
             return
         middle = len(rows) // 2
-        self._write_rows(kind, rows[:middle], owned, isolate)
-        self._write_rows(kind, rows[middle:], owned, isolate)
+        self._write_chunk(kind, rows[:middle], owned, isolate)
+        self._write_chunk(kind, rows[middle:], owned, isolate)
+
+    def _upsert(self, kind: RecordType, rows: list[Record]) -> None:
+        """One transaction; a conflict is retried at once ``database.conflict_retries`` times."""
+        retries = self.store.settings.conflict_retries
+        for attempt in range(retries + 1):
+            try:
+                self.store.upsert(kind, rows)
+            except Conflict as exc:
+                self.stats.conflicts += 1
+                if attempt == retries:
+                    raise
+                log.warning(
+                    "conflict writing %d %s (%s); retrying at once (retry %d of %d)",
+                    len(rows),
+                    kind.plural,
+                    exc,
+                    attempt + 1,
+                    retries,
+                )
+                time.sleep(random.uniform(0, CONFLICT_JITTER * (attempt + 1)))  # noqa: S311
+            else:
+                self.stats.transactions += 1
+                return
 
     def _refuse(
         self, owned: _Owned, kind: RecordType, row: Record, exc: StoreError, reason: str
@@ -406,6 +481,10 @@ class Flusher:
             log.exception("flush failed unexpectedly")
             message, category = f"{type(exc).__name__}: {exc}", "unexpected"
         self.operator_error = message if isinstance(exc, OperatorError) else None
+        unreachable = isinstance(exc, ServerNotReady) or (
+            isinstance(exc, StoreError) and exc.code in SERVER_UNAVAILABLE
+        )
+        self._unreachable_since = self._clock() if unreachable else None
         self._failures_in_a_row += 1
         cap = min(
             self.settings.retry_backoff_max,
@@ -415,7 +494,10 @@ class Flusher:
         self._retry_at = self._clock() + delay
         self.stats.record_failure(message, category, utc_now())
         counts = self.durable.buffer.counts()
-        log.error(
+        # Losing races to other writers is expected when several instances write the
+        # same rows: it is retried like the rest, and not an error of this service.
+        log.log(
+            logging.WARNING if isinstance(exc, Conflict) else logging.ERROR,
             "flush failed (%s: %s); %d sessions and %d tasks stay buffered; next try in %.1f s",
             category,
             message,

@@ -3,7 +3,9 @@ whole service's when gunicorn runs several workers.
 
 Each worker answers for itself (``worker_*``); the worker that received the
 HTTP request asks its peers over the control channel
-(:mod:`persistence.control`) and combines their answers with its own.
+(:mod:`persistence.control`) and combines their answers with its own. Every
+answer names the instance (``service.instance_id``): with several instances
+behind a load balancer, it says which one answered (docs/SCALING.md).
 
 Threading contract: every method may be called from any request or control
 thread; each reads objects whose own contracts cover concurrency.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from persistence import stats as stats_module
@@ -71,6 +74,7 @@ class Overview:
         total: dict[str, Any] = {key: sum(r.get(key, 0) for r in results) for key in _FLUSH_TOTALS}
         total["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         total["workers"] = workers
+        total["instance_id"] = self.instance_id
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             counts = self.stats()["buffer"]
@@ -89,7 +93,8 @@ class Overview:
         return [self.worker_flush(), *peers]
 
     def health_report(self) -> tuple[bool, dict[str, Any]]:
-        """Healthy when the database answers probes and no write needs an operator."""
+        """Healthy when the database takes writes, no write needs an operator, and this
+        host's clock is within ``service.max_clock_skew`` of the database's."""
         database_ok = self.health.database_healthy()
         peers = ask_peers(self.runtime.control, "health", PEER_QUERY_TIMEOUT)
         reports = [self.worker_health(), *peers]
@@ -108,21 +113,48 @@ class Overview:
                 ),
             },
             "workers": len(reports),
+            "instance_id": self.instance_id,
+            "database_server": self.store.server,
         }
         tls = self.health.tls_status()
         if tls is not None:
             report["tls"] = tls
+        state = self.health.state
+        if state is not None and state.galera is not None:
+            report["galera"] = state.galera.as_dict()
+        clock = self.clock_report()
+        if clock is not None:
+            report["clock"] = clock
         if not database_ok:
             report["database_error"] = self.health.last_error
         if problems:
             report["problems"] = sorted(set(problems))
         return healthy, report
 
+    @property
+    def instance_id(self) -> str:
+        return self.settings.service.effective_instance_id
+
+    def clock_report(self) -> dict[str, Any] | None:
+        """This host's clock against the database's (None until measured; SQLite: never)."""
+        skew = self.health.clock_skew()
+        if skew is None:
+            return None
+        return {
+            "skew_seconds": round(skew.skew, 6),
+            "uncertainty_seconds": round(skew.uncertainty, 6),
+            "max_skew_seconds": self.settings.service.max_clock_skew,
+            "measured_at": iso(datetime.fromtimestamp(skew.measured_at, UTC)),
+        }
+
     def stats(self) -> dict[str, Any]:
         peers = ask_peers(self.runtime.control, "stats", PEER_QUERY_TIMEOUT * 4)
         answered = [p for p in peers if "error" not in p]
         combined = stats_module.combine([self.worker_stats(), *answered])
         combined["workers"]["unreachable"] = len(peers) - len(answered)
+        # Each worker measures the same clock against the same database: the answering
+        # worker's figure stands for the instance (adding them up would mean nothing).
+        combined["clock"] = self.clock_report()
         return combined
 
     def metrics_text(self) -> bytes:
@@ -178,6 +210,16 @@ class Overview:
         journal = self.durable.journal
         if journal is not None and not journal.healthy:
             problems.append("the journal cannot be written; batches are refused with 503")
+        skew = self.health.clock_skew()
+        limit = self.settings.service.max_clock_skew
+        # Only a skew certainly beyond the limit counts: the measurement's own
+        # uncertainty (half a round trip) is given the benefit of the doubt.
+        if skew is not None and abs(skew.skew) - skew.uncertainty > limit:
+            problems.append(
+                f"this host's clock is {abs(skew.skew):.3f} s "
+                f"{'ahead of' if skew.skew > 0 else 'behind'} the database's "
+                f"(service.max_clock_skew is {limit:g} s)"
+            )
         return problems
 
     def worker_refresh_metrics(self) -> dict[str, Any]:
@@ -243,6 +285,8 @@ class Overview:
                 "last_error_time": iso(flush.last_error_time),
                 "needs_operator": self.flusher.operator_error,
                 "retry_in_seconds": round(self.flusher.backoff_remaining(), 3),
+                "transactions": flush.transactions,
+                "conflicts": flush.conflicts,
             },
             "performance": {
                 "total_sessions_written": flush.sessions_written,
@@ -271,8 +315,10 @@ class Overview:
             },
             "database": {
                 "driver": self.store.driver,
+                "server": self.store.server,
                 "max_record_bytes": self.store.max_record_bytes(),
             },
+            "instance_id": self.instance_id,
             "worker": {"pid": os.getpid()},
             "timestamp": iso(utc_now()),
         }

@@ -32,15 +32,18 @@ ORDER_COLUMN = "ingest_seq"
 class ArrivalClock:
     """Strictly increasing microsecond stamps that follow the wall clock but never go back.
 
-    A stamp is the wall-clock time of arrival in microseconds, or one more than
-    the previous stamp when the clock has not moved on (or has stepped back:
-    NTP, a VM restored from a snapshot). :meth:`advance_to` raises the floor to
-    the largest stamp known elsewhere (the journal, the database) so that a
-    clock that stepped back across a restart still stamps every new update
-    after the old ones. A backward step larger than ``step_warning_us`` is
-    logged once per step.
+    A stamp is the wall-clock time of arrival in microseconds, corrected by the
+    offset set with :meth:`adjust` (the database's clock minus this host's, as
+    the health probe measures it, so that instances on hosts whose clocks
+    disagree stamp on one common clock), or one more than the previous stamp
+    when that time has not moved on (or has stepped back: NTP, a VM restored
+    from a snapshot, a correction). :meth:`advance_to` raises the floor to the
+    largest stamp known elsewhere (the journal, the database) so that a clock
+    that stepped back across a restart still stamps every new update after the
+    old ones. A backward step larger than ``step_warning_us`` is logged once
+    per step.
 
-    Thread-safe: stamps are handed out under a lock.
+    Thread-safe: stamps are handed out, and the offset changed, under a lock.
     """
 
     def __init__(
@@ -51,13 +54,30 @@ class ArrivalClock:
         self._lock = threading.Lock()
         self._now_us = now_us
         self._step_warning_us = step_warning_us
+        self._offset_us = 0
         self._last = 0
         self._behind = False
+
+    def adjust(self, offset_us: int) -> None:
+        """Stamp from now on with the wall clock plus ``offset_us`` (never going back)."""
+        with self._lock:
+            previous, self._offset_us = self._offset_us, offset_us
+        if abs(offset_us - previous) > self._step_warning_us:
+            log.warning(
+                "arrival stamps now follow the database's clock: this host's clock is %.3f s %s it",
+                abs(offset_us) / 1e6,
+                "ahead of" if offset_us < 0 else "behind",
+            )
+
+    def now_us(self) -> int:
+        """The corrected wall-clock time, in microseconds since the epoch (no stamp taken)."""
+        with self._lock:
+            return self._now_us() + self._offset_us
 
     def stamps(self, count: int) -> range:
         """``count`` consecutive stamps, all newer than any handed out or known before."""
         with self._lock:
-            now = self._now_us()
+            now = self._now_us() + self._offset_us
             if now + self._step_warning_us < self._last:
                 if not self._behind:
                     self._behind = True

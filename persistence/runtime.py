@@ -7,6 +7,10 @@ called once each, by the process that serves requests (gunicorn's
 :meth:`begin_shutdown` may be called from any thread, any number of times;
 :meth:`wake_flusher` from any request thread. ``_lock`` guards the scheduler
 reference and the pending wake-up.
+
+After every health probe that finds a writable server (on the probing
+thread), the runtime sets the arrival clock to the database's clock and ends
+a flush backoff that was waiting for the database (:meth:`_after_probe`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from persistence.datadir import require_writable
 from persistence.durable import DurableBuffer
 from persistence.flusher import Flusher, FlushFailed
 from persistence.health import HealthMonitor
-from persistence.store import Store, StoreError
+from persistence.store import ServerState, Store, StoreError
 from schedules import FLUSH_JOB, build_scheduler, next_run_time, run_soon
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._wake_pending = False
         self._early_flush: threading.Thread | None = None
+        health.add_listener(self._after_probe)
 
     # --- start ------------------------------------------------------------------------------
 
@@ -98,6 +103,9 @@ class WorkerRuntime:
             self.wake_flusher()  # write what adopted journals brought back without waiting
 
     def _prepare_database(self) -> None:
+        # Before anything is stamped or written: find a writable server among those
+        # of database.host and measure the clock against it.
+        self.health.refresh()
         try:
             self.store.prepare()
             # Never stamp below a row already written: the clock may have stepped back
@@ -110,6 +118,14 @@ class WorkerRuntime:
             )
 
     # --- running ----------------------------------------------------------------------------
+
+    def _after_probe(self, state: ServerState, probe_started: float) -> None:
+        """Follow the database's clock; flush at once when the database is back."""
+        skew = self.health.clock_skew()
+        if skew is not None:
+            self.durable.clock.adjust(-round(skew.skew * 1_000_000))
+        if self.flusher.database_back(probe_started):
+            self.wake_flusher()
 
     def wake_flusher(self) -> None:
         """Ask for a flush on a scheduler thread; at most one such request is pending."""
@@ -167,6 +183,12 @@ class WorkerRuntime:
             scheduler, self._scheduler = self._scheduler, None
             early = self._early_flush
         if scheduler is not None:
+            # APScheduler's main loop fails (JobLookupError, in its own thread) to remove a
+            # one-shot job it is starting when shutdown() lands meanwhile; a wake-up from a
+            # request or a health probe may be just that. Paused, the loop starts nothing
+            # new, and get_jobs() waits until a loop under way has let go of the job store.
+            scheduler.pause()
+            scheduler.get_jobs()
             scheduler.shutdown(wait=True)
         if early is not None:
             early.join()

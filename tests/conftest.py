@@ -270,8 +270,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start gunicorn in ``tmp_path`` (no config.yaml there) and wait until it answers."""
     servers: list[Server] = []
 
-    def start(*args: str, **env: str) -> Server:
-        port = free_port()
+    def start(*args: str, port: int | None = None, **env: str) -> Server:
+        """``port``: bind there (a restart of an instance on its own port), else a free one."""
+        port = port or free_port()
         log = tmp_path / f"gunicorn-{port}.log"
         with log.open("w") as out:
             process = subprocess.Popen(

@@ -6,14 +6,20 @@ returns it. The pool is created on first use, never at import or in
 ``create_app``, so it is always created in the process that uses it (after
 gunicorn forks). :meth:`Store.probe` uses a connection of its own with short
 timeouts, so a hung pool never delays ``/health``.
+
+With several servers in ``database.host`` the pool and the probes follow the
+server in use (:mod:`persistence.store.servers`): an error that says the
+server cannot serve moves the store to the next one, and the next use of the
+pool connects there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,23 +27,31 @@ from typing import Any
 import orjson
 from dbutils.pooled_db import PooledDB
 
-from persistence.config import DatabaseSettings
+from persistence.config import DatabaseServer, DatabaseSettings
 from persistence.records import ORDER_COLUMN, RECORD_TYPES, SESSIONS, Record, RecordType
 from persistence.store.dialects import Dialect, dialect_for, split_statements, sql_file
 from persistence.store.errors import (
+    SERVER_UNAVAILABLE,
+    Conflict,
     ConnectionLost,
     OperatorError,
     RowError,
+    ServerNotReady,
     StoreError,
     TransientError,
     UnclassifiedError,
 )
+from persistence.store.probe import ServerState, read_server_state
+from persistence.store.servers import ServerList
 
 __all__ = [
+    "Conflict",
     "ConnectionLost",
     "DeadLetter",
     "OperatorError",
     "RowError",
+    "ServerNotReady",
+    "ServerState",
     "Store",
     "StoreError",
     "TransientError",
@@ -65,6 +79,9 @@ _IN_CHUNK = 500
 STATEMENT_OVERHEAD = 64 * 1024
 # A dead letter's payload keeps values up to this size when the whole record is too large.
 _DEAD_LETTER_VALUE_MAX = 64 * 1024
+# The longest a start waits for another instance's schema change (GET_LOCK), in seconds;
+# after that it goes on and tolerates what the other one created meanwhile.
+_SCHEMA_LOCK_WAIT = 30
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,10 @@ class Store:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self.dialect: Dialect = dialect_for(settings)
+        # The MySQL servers of database.host; None for SQLite (one file, nothing to move to).
+        self.servers = ServerList(settings.servers) if self.dialect.name == "mysql" else None
         self._pool: PooledDB | None = None
+        self._pool_server: DatabaseServer | None = None
         self._pool_born = 0.0
         self._pool_lock = threading.Lock()
         # Set by prepare(); until then every write calls it first.
@@ -98,29 +118,127 @@ class Store:
     def driver(self) -> str:
         return self.dialect.name
 
+    @property
+    def server(self) -> str:
+        """The server in use (``host:port``), or the SQLite file."""
+        if self.servers is None:
+            return self.settings.sqlite_path
+        return str(self.servers.current)
+
     def create_schema(self, create_database: bool = False) -> None:
-        """Create the tables (IF NOT EXISTS); with ``create_database``, the database too."""
+        """Create what is missing of the tables; with ``create_database``, the database too.
+
+        Safe when several instances start together: nothing is changed when the
+        schema is complete (on Galera every DDL statement, even a ``CREATE TABLE
+        IF NOT EXISTS`` that does nothing, takes a cluster-wide lock and aborts
+        other nodes' transactions on the table); changes are made under a named
+        lock where the server has one; and a table or column another instance
+        created first is taken as done.
+        """
         if create_database:
-            self._run(self.dialect.prepare_database)
-        statements = split_statements(sql_file(self.dialect.ddl_file))
+            self._run(self.dialect.prepare_database, self._current_server())
         with self._connection() as conn:
             cur = conn.cursor()
-            for statement in statements:
-                self._run(cur.execute, statement)
-            self._run(conn.commit)
-        self._add_order_column()
+            if self._missing_schema(conn, cur):
+                with self._schema_lock(cur):
+                    missing = self._missing_schema(conn, cur)
+                    if missing:
+                        self._create_missing(conn, cur, missing)
+            self._run(conn.rollback)
         if self.driver == "sqlite":
             self._enable_wal()
 
     def prepare(self) -> None:
-        """Get the tables ready for writing: create them (``database.create_tables``), or
-        at least add the ``ingest_seq`` column that tables from older versions lack."""
+        """Get the tables ready for writing: create what is missing of them
+        (``database.create_tables``), or at least add the ``ingest_seq`` column that
+        tables from older versions lack."""
         if self.settings.create_tables:
             self.create_schema()
         else:
-            self._add_order_column()
+            with self._connection() as conn:
+                cur = conn.cursor()
+                missing = [kind for kind in self._missing_schema(conn, cur) if kind is not None]
+                if missing:
+                    with self._schema_lock(cur):
+                        self._add_order_column(conn, cur, missing)
+                self._run(conn.rollback)
         self.max_allowed_packet = self._read_max_allowed_packet()
         self._prepared = True
+
+    def _missing_schema(self, conn: Any, cur: Any) -> list[RecordType | None]:
+        """The record tables that lack ``ingest_seq`` (or do not exist), and None when the
+        dead-letter table does not exist.
+
+        The read transaction ends before this returns: a connection that kept the
+        tables' metadata locks while it waited for the schema lock would block the
+        schema change of the instance holding that lock.
+        """
+        missing: list[RecordType | None] = []
+        checks: list[tuple[RecordType | None, str]] = [
+            (kind, f"SELECT {ORDER_COLUMN} FROM {kind.table} WHERE 1 = 0") for kind in RECORD_TYPES
+        ]
+        checks.append((None, "SELECT id FROM persistence_dead_letters WHERE 1 = 0"))
+        for kind, sql in checks:
+            try:
+                self._run(cur.execute, sql)
+                self._run(cur.fetchall)
+            except OperatorError:
+                missing.append(kind)
+        self._run(conn.rollback)
+        return missing
+
+    @contextlib.contextmanager
+    def _schema_lock(self, cur: Any) -> Iterator[None]:
+        """Hold the dialect's named schema lock (if any) on ``cur``'s connection.
+
+        A lock not granted in time is not an error: the changes that follow
+        tolerate what another instance did meanwhile.
+        """
+        if self.dialect.schema_lock_sql is None:
+            yield
+            return
+        take, release = self.dialect.schema_lock_sql
+        name = f"persistence_service.schema.{self.settings.database}"[:64]
+        wait = max(1, min(_SCHEMA_LOCK_WAIT, int(self.settings.read_timeout) - 1))
+        self._run(cur.execute, take, (name, wait))
+        (granted,) = self._run(cur.fetchone)
+        if granted != 1:
+            log.info("schema lock not granted in %d s; changing the schema without it", wait)
+        try:
+            yield
+        finally:
+            if granted == 1:
+                self._run(cur.execute, release, (name,))
+                self._run(cur.fetchall)
+
+    def _create_missing(self, conn: Any, cur: Any, missing: list[RecordType | None]) -> None:
+        names = [f"{k.table}.{ORDER_COLUMN}" if k else "persistence_dead_letters" for k in missing]
+        log.info("creating what is missing of the schema: %s", ", ".join(names))
+        for statement in split_statements(sql_file(self.dialect.ddl_file)):
+            self._tolerate_existing(cur, statement)
+        self._run(conn.commit)
+        still_missing = self._missing_schema(conn, cur)
+        self._add_order_column(conn, cur, [kind for kind in still_missing if kind is not None])
+
+    def _add_order_column(self, conn: Any, cur: Any, kinds: list[RecordType]) -> None:
+        """Add ``ingest_seq`` to tables created before it existed."""
+        for kind in kinds:
+            log.warning("adding column %s to %s", ORDER_COLUMN, kind.table)
+            self._tolerate_existing(
+                cur,
+                f"ALTER TABLE {kind.table} ADD COLUMN {ORDER_COLUMN} "
+                f"{self.dialect.order_column_type}",
+            )
+        self._run(conn.commit)
+
+    def _tolerate_existing(self, cur: Any, statement: str) -> None:
+        """Run a DDL statement; a table or column that exists already is no error."""
+        try:
+            self._run(cur.execute, statement)
+        except StoreError as exc:
+            if not self.dialect.already_exists(exc):
+                raise
+            log.info("another process created it first: %s", exc)
 
     def max_record_bytes(self) -> int | None:
         """The largest record, in bytes of SQL, that one statement can carry.
@@ -157,25 +275,6 @@ class Store:
             row = self._run(cur.fetchone)
             self._run(conn.rollback)
         return int(row[0])
-
-    def _add_order_column(self) -> None:
-        """Add ``ingest_seq`` to tables created before it existed."""
-        for kind in RECORD_TYPES:
-            with self._connection() as conn:
-                cur = conn.cursor()
-                try:
-                    cur.execute(f"SELECT {ORDER_COLUMN} FROM {kind.table} WHERE 1 = 0")
-                    cur.fetchall()
-                    continue
-                except Exception:  # noqa: BLE001 - the column is missing; any other problem
-                    conn.rollback()  # shows again in the ALTER below
-                log.warning("adding column %s to %s", ORDER_COLUMN, kind.table)
-                self._run(
-                    cur.execute,
-                    f"ALTER TABLE {kind.table} ADD COLUMN {ORDER_COLUMN} "
-                    f"{self.dialect.order_column_type}",
-                )
-                self._run(conn.commit)
 
     def upsert(self, kind: RecordType, records: Sequence[Record]) -> None:
         """Write ``records`` (one per key) in one ``executemany`` and one commit."""
@@ -313,9 +412,47 @@ class Store:
             self._run(cur.execute, sql, params)
             self._run(conn.commit)
 
-    def probe(self, timeout: float) -> None:
-        """Check the database answers a query within about ``timeout`` seconds; raise if not."""
-        conn = self._run(self.dialect.connect_once, timeout)
+    def probe(self, timeout: float, failover: bool = True) -> ServerState:
+        """Find a server that takes writes, each step bounded by ``timeout`` seconds.
+
+        The server in use is probed first; with ``failover``, when it does not
+        answer or does not take writes, the others of ``database.host`` follow in
+        failover order and the first writable one becomes the server in use.
+        Raises the server in use's error when none is writable
+        (:class:`ServerNotReady` when it answered but refused writes).
+        """
+        if self.servers is None:
+            self._probe_sqlite(timeout)
+            return ServerState(self.settings.sqlite_path)
+        candidates = self.servers.in_probe_order()
+        first_error: StoreError | None = None
+        for server in candidates if failover else candidates[:1]:
+            try:
+                state = self._probe_server(server, timeout)
+            except StoreError as exc:
+                first_error = first_error or exc
+                continue
+            if state.writable:
+                if server != candidates[0]:
+                    assert first_error is not None
+                    self.servers.use(server, f"does not take writes ({first_error})")
+                return state
+            first_error = first_error or ServerNotReady(f"{server}: {state.refusal}")
+        assert first_error is not None
+        raise first_error
+
+    def _probe_server(self, server: DatabaseServer, timeout: float) -> ServerState:
+        conn = self._run(self.dialect.connect_once, timeout, server)
+        try:
+            return self._run(read_server_state, conn, str(server))
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing the probe connection failed", exc_info=True)
+
+    def _probe_sqlite(self, timeout: float) -> None:
+        conn = self._run(self.dialect.connect_once, timeout, None)
         try:
             cur = conn.cursor()
             self._run(cur.execute, "SELECT 1")
@@ -333,26 +470,55 @@ class Store:
                 self._pool.close()
                 self._pool = None
 
-    def _connection(self) -> Any:
-        """A pooled connection (use with ``with``), recycling the pool when it is too old."""
+    def _current_server(self) -> DatabaseServer | None:
+        return self.servers.current if self.servers is not None else None
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pooled connection to the server in use, returned to the pool at the end.
+
+        The pool is opened anew when it is too old or the server in use has
+        changed. A :class:`StoreError` that says the server cannot serve moves
+        the store to the next server before it propagates.
+        """
         with self._pool_lock:
+            server = self._current_server()
             recycle = self.settings.pool_recycle
-            if self._pool is not None and recycle and time.monotonic() - self._pool_born > recycle:
+            expired = recycle and time.monotonic() - self._pool_born > recycle
+            if self._pool is not None and (expired or server != self._pool_server):
                 self._pool.close()
                 self._pool = None
             if self._pool is None:
-                self._pool = self._run(self.dialect.create_pool)
-                self._pool_born = time.monotonic()
+                self._pool = self._run(self.dialect.create_pool, server)
+                self._pool_server, self._pool_born = server, time.monotonic()
             pool = self._pool
-        return self._run(pool.connection)
+        try:
+            with self._run(pool.connection) as conn:
+                yield conn
+        except StoreError as exc:
+            if server is not None and self.servers is not None and exc.code in SERVER_UNAVAILABLE:
+                self.servers.failed(server, str(exc))
+            raise
 
     def _enable_wal(self) -> None:
-        # WAL lets the health probe and readers work while the flusher writes.
-        conn = self.dialect.connect_once(self.settings.write_timeout)
+        """Switch the SQLite file to WAL, which lets the health probe and readers work
+        while the flusher writes. The mode is stored in the file: once one process has
+        switched it, the others find it done (the switch itself fails while another
+        connection is busy, which is no matter if that other process switched it)."""
+        conn = self._run(self.dialect.connect_once, self.settings.write_timeout, None)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            if self._journal_mode(conn) == "wal":
+                return
+            try:
+                self._run(conn.execute, "PRAGMA journal_mode = WAL")
+            except TransientError:
+                if self._journal_mode(conn) != "wal":
+                    raise
         finally:
             conn.close()
+
+    def _journal_mode(self, conn: Any) -> str:
+        return str(self._run(conn.execute, "PRAGMA journal_mode").fetchone()[0]).lower()
 
     def _run(self, func: Any, *args: Any) -> Any:
         """Call a driver function, turning its exceptions into the :class:`StoreError` class

@@ -19,7 +19,7 @@ import orjson
 import pymysql
 from dbutils.pooled_db import PooledDB
 
-from persistence.config import DatabaseSettings
+from persistence.config import DatabaseServer, DatabaseSettings
 from persistence.records import ORDER_COLUMN, RecordType
 from persistence.store.errors import (
     MYSQL_ERRORS,
@@ -59,17 +59,25 @@ class Dialect(ABC):
     max_packet_query: str | None = None
     # The TLS of the connections; None for a database without any (SQLite).
     tls: DatabaseTls | None = None
+    # Statements that take and release a named lock around schema changes, so that
+    # instances starting together change the schema one at a time; None: no such lock.
+    schema_lock_sql: tuple[str, str] | None = None
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
 
     @abstractmethod
-    def create_pool(self) -> PooledDB:
-        """A DBUtils pool of this database's connections (none opened yet)."""
+    def create_pool(self, server: DatabaseServer | None) -> PooledDB:
+        """A DBUtils pool of connections to ``server`` (none opened yet)."""
 
     @abstractmethod
-    def connect_once(self, timeout: float) -> Any:
-        """A new connection outside the pool, with every timeout set to ``timeout``."""
+    def connect_once(self, timeout: float, server: DatabaseServer | None) -> Any:
+        """A new connection to ``server`` outside the pool, every timeout set to ``timeout``."""
+
+    @abstractmethod
+    def already_exists(self, exc: StoreError) -> bool:
+        """Whether ``exc`` says a table or column to create exists already (another
+        process created it first)."""
 
     @abstractmethod
     def classify(self, exc: Exception) -> type[StoreError]:
@@ -119,7 +127,7 @@ class Dialect(ABC):
         """The upsert of one dead letter, keyed by (record_type, record_key)."""
 
     @abstractmethod
-    def prepare_database(self) -> None:
+    def prepare_database(self, server: DatabaseServer | None) -> None:
         """Make sure the database itself exists (before tables are created)."""
 
     def row_converter(self, kind: RecordType) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -142,6 +150,7 @@ class MysqlDialect(Dialect):
     placeholder = "%s"
     ddl_file = "mysql.sql"
     max_packet_query = "SELECT @@max_allowed_packet"
+    schema_lock_sql = ("SELECT GET_LOCK(%s, %s)", "SELECT RELEASE_LOCK(%s)")
     # Times are written and read as UTC; strict mode makes a bad value an error, never a
     # silent truncation.
     session_setup = (
@@ -154,11 +163,12 @@ class MysqlDialect(Dialect):
         super().__init__(settings)
         self.tls: DatabaseTls = DatabaseTls(settings)
 
-    def _connect_args(self, database: bool = True) -> dict[str, Any]:
+    def _connect_args(self, server: DatabaseServer | None, database: bool = True) -> dict[str, Any]:
         s = self.settings
+        server = server or s.servers[0]
         args: dict[str, Any] = {
-            "host": s.host,
-            "port": s.port,
+            "host": server.host,
+            "port": server.port,
             "user": s.user,
             "password": s.password,
             "charset": "utf8mb4",
@@ -172,7 +182,7 @@ class MysqlDialect(Dialect):
         args.update(self.tls.connect_args())
         return args
 
-    def create_pool(self) -> PooledDB:
+    def create_pool(self, server: DatabaseServer | None) -> PooledDB:
         return PooledDB(
             pymysql,
             mincached=0,
@@ -182,13 +192,13 @@ class MysqlDialect(Dialect):
             setsession=list(self.session_setup),
             reset=True,
             ping=1,
-            **self._connect_args(),
+            **self._connect_args(server),
         )
 
-    def connect_once(self, timeout: float) -> Any:
+    def connect_once(self, timeout: float, server: DatabaseServer | None) -> Any:
         """A new connection, whose TLS is asked of the server and kept for /health."""
         try:
-            args = self._connect_args()
+            args = self._connect_args(server)
             args.update(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout)
             conn = pymysql.connect(**args)
         except Exception:
@@ -203,8 +213,8 @@ class MysqlDialect(Dialect):
             raise
         return conn
 
-    def prepare_database(self) -> None:
-        conn = pymysql.connect(**self._connect_args(database=False))
+    def prepare_database(self, server: DatabaseServer | None) -> None:
+        conn = pymysql.connect(**self._connect_args(server, database=False))
         try:
             with conn.cursor() as cur:
                 name = self.settings.database.replace("`", "``")
@@ -226,6 +236,9 @@ class MysqlDialect(Dialect):
         if not isinstance(exc, pymysql.MySQLError):
             return UnclassifiedError  # a driver bug or a value it cannot send
         return MYSQL_ERRORS.get(self.error_code(exc), UnclassifiedError)
+
+    def already_exists(self, exc: StoreError) -> bool:
+        return exc.code in (1050, 1060)  # table exists, duplicate column name
 
     greatest = "GREATEST"
     order_column_type = "BIGINT NOT NULL DEFAULT 0"
@@ -258,8 +271,8 @@ class SqliteDialect(Dialect):
             "check_same_thread": False,
         }
 
-    def create_pool(self) -> PooledDB:
-        self.prepare_database()
+    def create_pool(self, server: DatabaseServer | None) -> PooledDB:
+        self.prepare_database(server)
         return PooledDB(
             sqlite3,
             mincached=0,
@@ -272,10 +285,10 @@ class SqliteDialect(Dialect):
             **self._connect_args(self.settings.write_timeout),
         )
 
-    def connect_once(self, timeout: float) -> Any:
+    def connect_once(self, timeout: float, server: DatabaseServer | None) -> Any:
         return sqlite3.connect(**self._connect_args(timeout))
 
-    def prepare_database(self) -> None:
+    def prepare_database(self, server: DatabaseServer | None) -> None:
         Path(self.settings.sqlite_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
     def error_code(self, exc: Exception) -> int | None:
@@ -292,6 +305,9 @@ class SqliteDialect(Dialect):
         if any(text in str(exc) for text in SQLITE_OPERATOR_MESSAGES):
             return OperatorError
         return UnclassifiedError
+
+    def already_exists(self, exc: StoreError) -> bool:
+        return "already exists" in str(exc) or "duplicate column name" in str(exc)
 
     greatest = "MAX"
     order_column_type = "INTEGER NOT NULL DEFAULT 0"

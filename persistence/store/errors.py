@@ -6,8 +6,12 @@ the most specific of these classes::
 
     StoreError
     ├── TransientError      the database is unreachable, busy or restarting: retry later
-    │   └── ConnectionLost  the connection died during a statement; also what a server
-    │                       does to a statement larger than max_allowed_packet
+    │   ├── ConnectionLost  the connection died during a statement; also what a server
+    │   │                   does to a statement larger than max_allowed_packet
+    │   ├── Conflict        a deadlock or a certification conflict: the transaction
+    │   │                   lost a race with another writer; retry it at once
+    │   └── ServerNotReady  the server does not accept writes now (a Galera node out of
+    │                       the primary component, joining or donating)
     ├── RowError            the rows written caused it: retrying them cannot help
     ├── OperatorError       the database needs an operator (grants, a missing table or
     │                       column, a full disk, a TLS certificate that does not verify):
@@ -17,6 +21,10 @@ the most specific of these classes::
 
 The flusher decides what to do from the class alone: retry the whole batch,
 split it to isolate bad rows, or report the database as needing attention.
+Independently of the class, :data:`SERVER_UNAVAILABLE` names the codes that
+say the server itself cannot serve now: with several servers in
+``database.host`` the store moves on to the next one
+(:mod:`persistence.store.servers`).
 """
 
 from __future__ import annotations
@@ -56,6 +64,20 @@ class ConnectionLost(TransientError):
     category = "connection_lost"
 
 
+class Conflict(TransientError):
+    """A deadlock or a Galera certification conflict (both error 1213), or a Group
+    Replication certification conflict (3101): another writer won the race."""
+
+    category = "conflict"
+
+
+class ServerNotReady(TransientError):
+    """The server answers but does not accept writes: a Galera node that lost quorum
+    (error 1047), is joining, or donates its state while blocked."""
+
+    category = "server_not_ready"
+
+
 class RowError(StoreError):
     """A value refused, a constraint failed, a trigger said no, a row too large."""
 
@@ -80,7 +102,6 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
     **dict.fromkeys(
         (
             1040,  # too many connections
-            1047,  # WSREP has not yet prepared node for application use (Galera)
             1053,  # server shutdown in progress
             1158,  # got an error reading communication packets
             1159,  # got timeout reading communication packets
@@ -90,7 +111,6 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
             1181,  # got error during ROLLBACK
             1203,  # user has more than max_user_connections
             1205,  # lock wait timeout
-            1213,  # deadlock (and Galera certification conflict)
             1317,  # query execution was interrupted
             1613,  # transaction rolled back, retry
             1927,  # connection was killed (MariaDB)
@@ -105,6 +125,9 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
         ),
         TransientError,
     ),
+    1213: Conflict,  # deadlock (and Galera certification conflict)
+    3101: Conflict,  # transaction rolled back at commit (Group Replication certification)
+    1047: ServerNotReady,  # WSREP has not yet prepared node for application use (Galera)
     **dict.fromkeys(
         (
             0,  # PyMySQL's "(0, '')": the server closed the connection
@@ -164,6 +187,13 @@ MYSQL_ERRORS: dict[int, type[StoreError]] = {
         OperatorError,
     ),
 }
+
+# Codes that say the server itself cannot serve this client now (rather than the statement
+# or the rows): unreachable, gone, shutting down, full of connections, not ready (Galera)
+# or read-only. With several servers in database.host, the store moves to the next one.
+SERVER_UNAVAILABLE = frozenset(
+    (0, 1040, 1047, 1053, 1290, 1792, 1836, 2002, 2003, 2005, 2006, 2013, 2055)
+)
 
 # SQLite primary result codes (extended code & 0xFF), by class.
 SQLITE_ERRORS: dict[int, type[StoreError]] = {

@@ -42,6 +42,23 @@ _LOGGED_ERRORS = 5
 # Seconds a sender pauses after an unexpected exception in one of its steps.
 DEFECT_PAUSE = 1.0
 
+# Names the one session every record of a batch belongs to: a load balancer in front of
+# several instances routes on it, so that all records of a session reach one instance.
+SESSION_HEADER = "X-Session-ID"
+# The longest session id sent in that header (the service's ids are 36-character UUIDs).
+_MAX_ROUTING_ID = 255
+
+
+def routing_session(record: Mapping[str, Any]) -> str | None:
+    """The record's session id as sent in ``X-Session-ID``, or None when it has none that
+    can go in a header (such a record is refused by the service anyway)."""
+    value = record.get("session_id")
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_ROUTING_ID:
+        return None
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        return None
+    return value
+
 
 @dataclass
 class FlushTicket:
@@ -150,9 +167,11 @@ class ClientCore:
         counted in ``given_up``. Raises ``TypeError``/``ValueError`` for a
         record that is not a mapping or not JSON (see ``encode_records``).
         """
-        payloads = encode_records(kind, records)
+        items = list(records)
+        payloads = encode_records(kind, items)
         if not payloads:
             return True
+        sessions = [routing_session(record) for record in items]
         count = len(payloads)
         now = time.monotonic()
         with self._lock:
@@ -171,7 +190,7 @@ class ClientCore:
             else:
                 # The sender must arm its linger timer (empty queue) or send at once (full batch).
                 was_empty = len(self._outbox) == 0
-                wake = self._outbox.add(kind, payloads, now) or was_empty
+                wake = self._outbox.add(kind, payloads, now, sessions) or was_empty
                 streak, self._overflow_streak = self._overflow_streak, 0
         if not refusal:
             if streak:
@@ -294,6 +313,8 @@ class ClientCore:
         """The request of the next attempt of ``batch``; counts the attempt."""
         content = self.encode_body(batch)
         headers = {"Content-Type": "application/json", "X-Request-ID": batch.request_id}
+        if batch.session_id is not None:
+            headers[SESSION_HEADER] = batch.session_id
         if self.options.gzip:
             headers["Content-Encoding"] = "gzip"
         with self._lock:
