@@ -159,6 +159,11 @@ class FlushStats:
         if self.metrics is not None:
             self.metrics.dead_letter(kind.name, reason)
 
+    def add_conflict(self) -> None:
+        self.conflicts += 1
+        if self.metrics is not None:
+            self.metrics.conflict()
+
     def record_success(self, duration_ms: float, at: datetime) -> None:
         if at.date() != self._day:
             self._day, self._flushes_that_day = at.date(), 0
@@ -412,7 +417,7 @@ class Flusher:
             try:
                 self.store.upsert(kind, rows)
             except Conflict as exc:
-                self.stats.conflicts += 1
+                self.stats.add_conflict()
                 if attempt == retries:
                     raise
                 log.warning(

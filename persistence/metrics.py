@@ -58,6 +58,8 @@ FLUSH_OUTCOMES = (
     "ok",
     "transient",
     "connection_lost",
+    "conflict",
+    "server_not_ready",
     "needs_operator",
     "unclassified",
     "unexpected",
@@ -88,6 +90,7 @@ class WorkerState:
     journal_healthy: bool
     journal_fsyncs: int
     journal_failures: int
+    clock_skew: float | None = None  # seconds this host is ahead of the database (None: unknown)
 
 
 def multiprocess_directory() -> Path | None:
@@ -173,6 +176,11 @@ class ServiceMetrics:
             "Journal write or fsync failures.",
             registry=registry,
         )
+        self.conflicts = Counter(
+            "persistence_write_conflicts",
+            "Deadlocks and certification conflicts met by flush transactions (each retried).",
+            registry=registry,
+        )
 
         def gauge(name: str, text: str, mode: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, text, labels, registry=registry, multiprocess_mode=mode)
@@ -229,6 +237,12 @@ class ServiceMetrics:
             "0 when a worker's journal cannot be written (batches get 503); 1 otherwise.",
             "livemin",
         )
+        # Every worker of an instance measures the same host clock against the same server.
+        self.clock_skew = gauge(
+            "persistence_clock_skew_seconds",
+            "This host's clock minus the database's, seconds (positive: ahead); 0 until measured.",
+            "livemostrecent",
+        )
         self._start_series()
 
     def _start_series(self) -> None:
@@ -270,6 +284,9 @@ class ServiceMetrics:
     def flush_failed(self, category: str) -> None:
         self.flushes.labels(category).inc()
 
+    def conflict(self) -> None:
+        self.conflicts.inc()
+
     # --- state --------------------------------------------------------------------------
 
     def refresh(self, state: WorkerState) -> None:
@@ -288,6 +305,8 @@ class ServiceMetrics:
         self.failures_in_a_row.set(state.failures_in_a_row)
         self.needs_operator.set(1 if state.needs_operator else 0)
         self.journal_healthy.set(1 if state.journal_healthy else 0)
+        if state.clock_skew is not None:
+            self.clock_skew.set(state.clock_skew)
         # The journal counts for itself; the counters follow it by the difference since the
         # last refresh (an older state read by a slower refresh adds nothing).
         with self._lock:

@@ -246,6 +246,7 @@ class Overview:
             journal_healthy=journal.healthy if journal is not None else True,
             journal_fsyncs=journal.fsyncs if journal is not None else 0,
             journal_failures=journal.failures if journal is not None else 0,
+            clock_skew=skew.skew if (skew := self.health.clock_skew()) is not None else None,
         )
 
     def worker_stats(self) -> dict[str, Any]:

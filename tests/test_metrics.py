@@ -27,6 +27,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from persistence.service import PersistenceService
+from persistence.store import Conflict
 from tests.conftest import Database
 from tests.factories import new_session_id, session, task
 from tests.gunicorn_server import API, REPO, Server, wait_for
@@ -172,6 +173,37 @@ def test_an_operator_error_shows_in_failures_outcome_and_needs_operator(
     samples = scrape(client)
     assert value(samples, "persistence_flush_failures_in_a_row") == 0
     assert value(samples, "persistence_needs_operator") == 0
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("db", ["mysql"], indirect=True)  # conflicts and skew: MySQL only
+def test_conflicts_and_the_clock_skew_are_exposed(
+    app_factory: Callable[..., Flask], db: Database
+) -> None:
+    """A deadlock retried at once counts as a conflict; the probe's skew becomes a gauge."""
+    app = app_factory(
+        buffer={"flush_interval": 3600, "max_buffer_size": 100_000, "hard_limit": 200_000}
+    )
+    client = app.test_client()
+    service: PersistenceService = app.extensions["persistence"]
+    real_upsert, calls = service.store.upsert, []
+
+    def deadlock_once(kind: object, rows: object) -> None:
+        calls.append(kind)
+        if len(calls) == 1:
+            raise Conflict("Deadlock found when trying to get lock", 1213)
+        real_upsert(kind, rows)
+
+    service.store.upsert = deadlock_once  # type: ignore[method-assign]
+    post_batches(client, new_session_id(), 3)
+    assert client.post(f"{API}/flush").status_code == 200
+    service.health.refresh()  # a probe measures the clock against the server's
+    samples = scrape(client)
+    assert value(samples, "persistence_write_conflicts_total") == 1
+    skew = service.health.clock_skew()
+    assert skew is not None
+    assert value(samples, "persistence_clock_skew_seconds") == pytest.approx(skew.skew)
+    assert abs(skew.skew) < 1  # one host, one clock: only the measurement's error
 
 
 def test_the_hard_limit_ratio_is_the_fuller_of_records_and_bytes(
@@ -347,4 +379,4 @@ def test_promtool_accepts_the_alert_rules() -> None:
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
