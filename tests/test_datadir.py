@@ -77,12 +77,17 @@ def run_check(where: Foreign, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         where.command(sys.executable, "-c", CHECK),
         cwd=where.base,
-        env={"PYTHONPATH": str(REPO), "LOG_FILE": "", "LOG_FORMAT": "%(message)s", **env},
+        env={"PYTHONPATH": str(REPO), "LOG_FILE": "", "LOG_FORMAT": "text", **env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def messages(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The messages of the log lines on stderr (text format: after the logger's name)."""
+    return [line.split(": ", 1)[1] if ": " in line else line for line in result.stderr.splitlines()]
 
 
 def owner_text(path: Path) -> tuple[str, str]:
@@ -143,7 +148,7 @@ def test_a_foreign_sqlite_directory_is_one_line_with_owner_uid_and_fix(foreign: 
     assert result.returncode == BOOT_FAILURE_STATUS, result.stdout + result.stderr
     owner, owner_ids = owner_text(foreign.directory)
     ids = f"{foreign.uid}:{foreign.gid}"
-    assert result.stderr.splitlines() == [
+    assert messages(result) == [
         f"cannot write to {foreign.directory} (database.sqlite_path): it belongs to {owner}, "
         f"and the service runs as uid {foreign.uid}; give it to that user (chown -R {ids} "
         f"on the host directory of a bind mount), or run the service as its owner "
@@ -158,7 +163,7 @@ def test_a_journal_to_be_created_in_a_foreign_directory(foreign: Foreign) -> Non
         foreign, DB_DRIVER="mysql", BUFFER_DURABILITY="journal", BUFFER_JOURNAL_DIR=str(journal)
     )
     assert result.returncode == BOOT_FAILURE_STATUS
-    [line] = result.stderr.splitlines()
+    [line] = messages(result)
     # The directory that exists, where the journal's would have to be created.
     assert line.startswith(f"cannot write to {foreign.directory} (buffer.journal_dir): ")
     assert f"the service runs as uid {foreign.uid}" in line
@@ -174,7 +179,7 @@ def test_a_sqlite_file_that_cannot_be_written(foreign: Foreign) -> None:
         os.chown(db, NOBODY, NOBODY)
     result = run_check(foreign, DB_SQLITE_PATH=str(db))
     assert result.returncode == BOOT_FAILURE_STATUS
-    [line] = result.stderr.splitlines()
+    [line] = messages(result)
     owner, _ = owner_text(db)
     assert line.startswith(f"cannot write to {db} (database.sqlite_path): it belongs to {owner}")
 

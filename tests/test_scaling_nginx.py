@@ -57,11 +57,12 @@ def nginx_binary() -> str:
 
 
 def site_config(first: int, second: int, listen: int) -> str:
-    """The shipped sample with the test's ports in place of 8001, 8002 and 80."""
+    """The shipped sample with the test's ports in place of 8001 and 80, and its commented
+    line for a second instance in use, on the test's port."""
     text = SAMPLE.read_text(encoding="utf-8")
     for old, new in (
         ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{first} "),
-        ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{second} "),
+        ("# server 127.0.0.1:8002 ", f"server 127.0.0.1:{second} "),
         ("listen 80;", f"listen 127.0.0.1:{listen};"),
     ):
         assert text.count(old) == 1, f"deploy/nginx.conf no longer has {old!r} once"
