@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import httpx
 
 from persistence_client.core import ClientCore
@@ -16,7 +18,7 @@ CONNECTION_LIMITS = httpx.Limits(
 )
 
 
-class BaseClient:
+class BaseClient(ABC):
     """The constructor and statistics shared by ``PersistenceClient`` and ``SyncPersistenceClient``.
 
     Subclasses set up their transport and sender in ``_open`` and provide
@@ -69,11 +71,13 @@ class BaseClient:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.options.base_url!r})"
 
+    @abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Start the flavour's sender (a task of the event loop, or a thread)."""
 
+    @abstractmethod
     def _wake_sender(self) -> None:
-        raise NotImplementedError
+        """Tell the sender that records are queued (called by the core, any thread)."""
 
     def _transport_options(self) -> dict[str, object]:
         """Keyword arguments of the httpx client, the same for both flavours."""
