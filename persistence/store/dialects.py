@@ -62,6 +62,9 @@ class Dialect(ABC):
     # Statements that take and release a named lock around schema changes, so that
     # instances starting together change the schema one at a time; None: no such lock.
     schema_lock_sql: tuple[str, str] | None = None
+    # Whether transactions on several connections write at the same time (SQLite has one
+    # writer per file: a second connection would only wait for the first one's lock).
+    concurrent_writers: bool = True
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
@@ -263,6 +266,7 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     placeholder = "?"
     ddl_file = "sqlite.sql"
+    concurrent_writers = False
 
     def _connect_args(self, timeout: float) -> dict[str, Any]:
         return {
