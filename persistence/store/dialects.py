@@ -30,6 +30,7 @@ from persistence.store.errors import (
     StoreError,
     UnclassifiedError,
 )
+from persistence.store.multirow import MultiRowCursor
 from persistence.store.tls import DatabaseTls
 from persistence.store.tls import needs_operator as tls_needs_operator
 
@@ -176,6 +177,7 @@ class MysqlDialect(Dialect):
             "password": s.password,
             "charset": "utf8mb4",
             "autocommit": False,
+            "cursorclass": MultiRowCursor,
             "connect_timeout": s.connect_timeout,
             "read_timeout": s.read_timeout,
             "write_timeout": s.write_timeout,
