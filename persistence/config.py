@@ -254,7 +254,7 @@ class DatabaseSettings:
     ssl_cert: str = _setting("", "DB_SSL_CERT")
     ssl_key: str = _setting("", "DB_SSL_KEY")
     max_rows_per_transaction: int = _setting(
-        5000, "DB_MAX_ROWS_PER_TRANSACTION", _between(1, 10_000_000)
+        1000, "DB_MAX_ROWS_PER_TRANSACTION", _between(1, 10_000_000)
     )
     conflict_retries: int = _setting(3, "DB_CONFLICT_RETRIES", _between(0, 100))
     # Connections a flush writes over at once (MySQL/MariaDB; SQLite always writes over one).
