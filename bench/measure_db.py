@@ -44,6 +44,9 @@ from persistence.store.dialects import MysqlDialect
 
 SESSIONS_PER_RUN = 16
 PHASES = ("insert", "update")
+# The big table also measures updates of rows written long before (by its fill), spread
+# over the whole table: what needs pages that are not in the buffer pool.
+OLD_ROWS_PHASE = "update_old"
 FLUSH_CONNECTIONS = (1, 2)
 # The flushers of the db-floor, flush and bigtable sections: the defaults, but for the
 # number of connections.
@@ -60,6 +63,7 @@ class Writers:
     in-process services of the flushers."""
 
     databases: dict[str, str]
+    phases: tuple[str, ...] = PHASES
     services: dict[str, PersistenceService] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
     cpu_share: dict[str, list[float]] = field(default_factory=dict)
@@ -93,13 +97,21 @@ def measure_bigtable(ctx: Context) -> dict[str, Any]:
     name = ctx.databases.create("bigtable")
     roles = ["raw1", "raw2", *(f"flush{n}" for n in FLUSH_CONNECTIONS)]
     writers = _writers(ctx, dict.fromkeys(roles, name), FLUSHERS)
+    writers.phases = (*PHASES, OLD_ROWS_PHASE)
     try:
         ctx.progress(f"bigtable: filling one table with {sizes.bigtable_rows:,} rows")
         started = time.perf_counter()
         _fill(ctx, name, sizes.bigtable_rows, random.Random(ctx.seed + 11))
         fill_seconds = time.perf_counter() - started
         size_before = table_size(ctx.db, name)
-        _write_repetitions(ctx, writers, sizes.bigtable_write_rows, sizes.bigtable_reps, "bigtable")
+        _write_repetitions(
+            ctx,
+            writers,
+            sizes.bigtable_write_rows,
+            sizes.bigtable_reps,
+            "bigtable",
+            old_rows=sizes.bigtable_rows,
+        )
         size_after = table_size(ctx.db, name)
     finally:
         writers.close()
@@ -206,8 +218,12 @@ class Rows:
         return [to_row(r) for r in _complete(kind, self.schemas[kind.name].load(records))]
 
 
-def _write_repetitions(ctx: Context, writers: Writers, count: int, reps: int, label: str) -> None:
-    """``reps`` times: ``count`` new tasks, then the same tasks updated, by every writer."""
+def _write_repetitions(
+    ctx: Context, writers: Writers, count: int, reps: int, label: str, old_rows: int = 0
+) -> None:
+    """``reps`` times: ``count`` new tasks, then the same tasks updated, by every writer;
+    with ``old_rows`` (the rows :func:`_fill` put in the table), then also ``count``
+    updates of rows of the fill, picked at random, none picked twice."""
     rng = random.Random(ctx.seed + 7)
     rows = Rows(ctx)
     session_ids = [workload.new_session_id(rng) for _ in range(SESSIONS_PER_RUN)]
@@ -220,6 +236,7 @@ def _write_repetitions(ctx: Context, writers: Writers, count: int, reps: int, la
         _timed_flush(service, workload.tasks(session_ids, WARM_UP_ROWS, rng, f"w{index}"))
     # Writers that share a table each write tasks of their own.
     shared = len(set(writers.databases.values())) < len(roles)
+    old = iter(rng.sample(range(old_rows), reps * len(roles) * count) if old_rows else ())
     for rep in range(reps):
         ctx.progress(f"{label}: repetition {rep + 1}/{reps}, {count} rows by {', '.join(roles)}")
         # Each repetition starts with another writer: none always follows the same one.
@@ -230,11 +247,19 @@ def _write_repetitions(ctx: Context, writers: Writers, count: int, reps: int, la
             )
             for index, role in enumerate(roles)
         }
-        for phase in PHASES:
+        for phase in writers.phases:
             if phase == "update":
                 batches = {
                     role: [workload.advance(record, "completed", rng) for record in records]
                     for role, records in batches.items()
+                }
+            elif phase == OLD_ROWS_PHASE:
+                batches = {
+                    role: [
+                        {**record, "task_id": fill_key(next(old), old_rows)}
+                        for record in workload.tasks(session_ids, count, rng, status="completed")
+                    ]
+                    for role in roles
                 }
             for role in order:
                 records = batches[role]
@@ -315,8 +340,7 @@ def _fill(ctx: Context, database: str, rows: int, rng: random.Random) -> None:
     columns = TASKS.columns
     number = " + ".join(f"{10**i} * d{i}.d" for i in range(7))
     digits = ", ".join(f"bench_digits d{i}" for i in range(7))
-    step = (1 << 32) // rows
-    key = f"CONCAT('task-', LPAD(LOWER(HEX(n.n * {step})), 8, '0'), '-bulk-', n.n)"
+    key = f"CONCAT('task-', LPAD(LOWER(HEX(n.n * {(1 << 32) // rows})), 8, '0'), '-bulk-', n.n)"
     copied = [key if c == TASKS.key else f"s.{c}" for c in columns]
     marks = ", ".join(["%s"] * (len(columns) + 1))
     conn = ctx.db.connect(database, autocommit=True)
@@ -350,6 +374,11 @@ def _fill(ctx: Context, database: str, rows: int, rng: random.Random) -> None:
             cur.fetchall()
     finally:
         conn.close()
+
+
+def fill_key(n: int, rows: int) -> str:
+    """The key :func:`_fill` gives row ``n`` of ``rows``."""
+    return f"task-{n * ((1 << 32) // rows):08x}-bulk-{n}"
 
 
 def table_size(server: DbServer, database: str) -> dict[str, Any]:
@@ -390,8 +419,12 @@ def _floor_results(writers: Writers, rows: int, reps: int) -> dict[str, Any]:
     return {
         "rows": rows,
         "repetitions": reps,
-        "one_connection": {f"{p}_rows_per_s": _median(samples[f"raw1_{p}"]) for p in PHASES},
-        "two_connections": {f"{p}_rows_per_s": _median(samples[f"raw2_{p}"]) for p in PHASES},
+        "one_connection": {
+            f"{p}_rows_per_s": _median(samples[f"raw1_{p}"]) for p in writers.phases
+        },
+        "two_connections": {
+            f"{p}_rows_per_s": _median(samples[f"raw2_{p}"]) for p in writers.phases
+        },
         # Of the one-connection write's wall time, the share this process spent on
         # the CPU (PyMySQL building statements, holding the GIL).
         "python_cpu_share": {
@@ -402,7 +435,7 @@ def _floor_results(writers: Writers, rows: int, reps: int) -> dict[str, Any]:
             phase: round(
                 statistics.median(_ratios(samples[f"raw2_{phase}"], samples[f"raw1_{phase}"])), 3
             )
-            for phase in PHASES
+            for phase in writers.phases
         },
         "samples_rows_per_s": {
             k: [round(v, 1) for v in vs] for k, vs in samples.items() if k.startswith("raw")
@@ -416,7 +449,7 @@ def _flush_results(writers: Writers, rows: int, reps: int) -> dict[str, Any]:
     runs = []
     for connections in FLUSH_CONNECTIONS:
         run: dict[str, Any] = {"connections": connections}
-        for phase in PHASES:
+        for phase in writers.phases:
             flushed = samples[f"flush{connections}_{phase}"]
             # Each repetition's flush against the raw write next to it in time, then
             # the median: slow drifts of the machine cancel out.

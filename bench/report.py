@@ -15,6 +15,7 @@ INTAKE_GOAL = 0.8
 INTAKE_P99_CLIENTS, INTAKE_P99_GOAL = 8, 1.5
 # Flush against raw executemany on one connection, by database.flush_connections.
 FLUSH_GOALS = {1: 0.9, 2: 1.3}
+PHASE_LABELS = {"insert": "new", "update": "updates", "update_old": "updates of old rows"}
 COALESCING_GOAL = 0.34
 LATENCY_GOAL = 2.0
 MEMORY_GOAL = 1.0 * KIB
@@ -276,12 +277,13 @@ def table(results: dict[str, Any]) -> str:
             f"filled in {big['fill_seconds']:.0f} s), {big['flush']['rows']:,} rows per write",
         ]
         lines += _rows(
-            ["connections", "raw new rows/s", "raw updates/s"],
+            ["connections", "raw new rows/s", "raw updates/s", "raw updates of old rows/s"],
             [
                 [
                     label,
                     _n(big["floor"][key]["insert_rows_per_s"]),
                     _n(big["floor"][key]["update_rows_per_s"]),
+                    _n(big["floor"][key].get("update_old_rows_per_s")),
                 ]
                 for label, key in (("1", "one_connection"), ("2", "two_connections"))
             ],
@@ -461,7 +463,7 @@ def _flush_rows(flush: dict[str, Any]) -> list[str]:
         [
             [
                 str(run["connections"]),
-                "new" if phase == "insert" else "updates",
+                PHASE_LABELS[phase],
                 _n(run[phase]["flusher_rows_per_s"]),
                 _n(run[phase]["raw_one_connection_rows_per_s"]),
                 _n(run[phase]["ratio"], 3),
@@ -471,7 +473,8 @@ def _flush_rows(flush: dict[str, Any]) -> list[str]:
                 _verdict(run[phase]["ratio"] >= FLUSH_GOALS[run["connections"]]),
             ]
             for run in flush["runs"]
-            for phase in ("insert", "update")
+            for phase in PHASE_LABELS
+            if phase in run
         ],
     )
 
