@@ -227,6 +227,8 @@ def table(results: dict[str, Any]) -> str:
                 "pass",
                 "p99 / floor p99",
                 "server cores",
+                "CPU us/task",
+                "floor CPU us/task",
             ],
             [
                 [
@@ -244,6 +246,8 @@ def table(results: dict[str, Any]) -> str:
                     ),
                     _n(p99_ratio(r), 2),
                     _n(r["server_cpu_cores"], 2),
+                    _n(r.get("server_cpu_us_per_task"), 2),
+                    _n(r.get("floor_cpu_us_per_task"), 2),
                 ]
                 for r in intake["runs"]
             ]
@@ -259,6 +263,8 @@ def table(results: dict[str, Any]) -> str:
                     "-",
                     _n(p99_ratio(r), 2),
                     _n(r["server_cpu_cores"], 2),
+                    _n(r.get("server_cpu_us_per_task"), 2),
+                    "-",
                 ]
                 for r in intake.get("journal_runs", [])
             ],
