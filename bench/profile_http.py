@@ -4,10 +4,11 @@
 starts the service under gunicorn (as the ``intake`` section does: nothing
 flushed while it runs), loads it with the bench's load generator, and
 samples the worker with ``py-spy record --gil`` (only the thread holding the
-GIL: Python's CPU, not threads waiting for it). Each sample is put in the
-first category of :data:`CATEGORIES` that one of its frames belongs to; the
-printout is the share of samples per category, next to the rate and the
-worker's CPU per task, and the raw stacks are kept for flame graphs.
+GIL: Python's CPU, not threads waiting for it). Each sample is put in a
+category (:func:`category_of`); the printout is the share of samples per
+category, next to the rate and the worker's CPU per task, and the raw stacks
+are kept for flame graphs. Time in the kernel (page faults, system calls) is
+not sampled: it shows in the worker's CPU per task only.
 
 Needs py-spy (``pip install -r requirements-bench.txt``) and the right to
 trace the worker (root, or ``kernel.yama.ptrace_scope`` 0).
@@ -28,20 +29,40 @@ from bench.databases import BenchDatabases, DbServer
 from bench.measure_http import NO_FLUSH, timed_load
 from bench.servers import Servers
 
-# (category, substrings of a py-spy frame "function (file:line)"), the most specific first.
-CATEGORIES = (
-    ("typed decode and post-pass checks", ("(persistence/typed.py",)),
-    ("stamp and encode", ("encode_stamped (", "(persistence/records.py")),
-    ("buffer: admit and merge", ("(persistence/buffer.py", "(persistence/durable.py")),
-    ("rest of service.accept", ("accept (persistence/receiver.py", "(persistence/service.py")),
+# Whole subtrees: a sample under one of these frames belongs to it, whatever runs below.
+SUBTREES = (
     ("reading the body (Werkzeug, gunicorn)", ("get_data (werkzeug",)),
     ("access log", ("access (gunicorn/glogging.py",)),
-    ("request id", ("(persistence/api/hooks.py",)),
-    ("sending the response", ("(gunicorn/http/wsgi.py", "(gunicorn/util.py")),
-    ("Flask: context, routing, response", ("(flask/", "(werkzeug/")),
-    ("gunicorn: parsing the request", ("(gunicorn/http/",)),
-    ("worker main loop: polling, reading ahead", ("(persistence/http_worker.py", "(gunicorn/")),
+    ("sending the response", ("write (gunicorn/http/wsgi.py", "close (gunicorn/http/wsgi.py")),
 )
+# Otherwise the deepest frame that one of these marks (substrings of py-spy's
+# "function (file:line)") names decides.
+LEAVES = (
+    ("stamp and encode (msgspec)", ("encode_stamped (persistence/typed.py",)),
+    ("typed decode (msgspec) and post-pass checks", ("(persistence/typed.py", "/schemas.py")),
+    ("buffer: admit and merge", ("(persistence/buffer.py", "(persistence/durable.py")),
+    ("rest of service.accept", ("(persistence/receiver.py", "(persistence/service.py")),
+    ("request id", ("(persistence/api/hooks.py", "(persistence/logs.py")),
+    ("route and JSON answer", ("(persistence/api/", "(persistence/flusher.py")),
+    ("Flask and Werkzeug: context, routing, response", ("(flask/", "(werkzeug/", "(blinker/")),
+    ("gunicorn: parsing the request", ("(gunicorn/http/",)),
+    (
+        "worker main loop: polling, reading ahead, handing over",
+        ("(persistence/http_", "(gunicorn/", "(selectors.py", "(concurrent/futures/"),
+    ),
+)
+
+
+def category_of(frames: list[str]) -> str:
+    """The category of one sample, its frames from the outermost to the innermost."""
+    for category, marks in SUBTREES:
+        if any(mark in frame for frame in frames for mark in marks):
+            return category
+    for frame in reversed(frames):
+        for category, marks in LEAVES:
+            if any(mark in frame for mark in marks):
+                return category
+    return "other"
 
 
 def categorize(raw: Path) -> tuple[int, Counter[str]]:
@@ -53,16 +74,7 @@ def categorize(raw: Path) -> tuple[int, Counter[str]]:
         if not count.isdigit():
             continue
         total += int(count)
-        frames = stack.split(";")
-        name = next(
-            (
-                category
-                for category, marks in CATEGORIES
-                if any(mark in frame for frame in frames for mark in marks)
-            ),
-            "other",
-        )
-        shares[name] += int(count)
+        shares[category_of(stack.split(";"))] += int(count)
     return total, shares
 
 
