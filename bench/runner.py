@@ -136,7 +136,16 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     found = {}
-    for name in ("gunicorn", "Flask", "Werkzeug", "marshmallow", "PyMySQL", "DBUtils", "orjson"):
+    for name in (
+        "gunicorn",
+        "Flask",
+        "Werkzeug",
+        "marshmallow",
+        "msgspec",
+        "PyMySQL",
+        "DBUtils",
+        "orjson",
+    ):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
