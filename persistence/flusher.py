@@ -45,8 +45,9 @@ What one flush does
    row, and a key's updates keep their order across flushes (flushes never
    overlap). Key order makes concurrent writers lock rows in the same order
    and keeps their transactions small, so they conflict less; contiguous
-   ranges keep a flush's own shards from waiting on each other's gap locks
-   (each shard's keys lie above every key of the shards before it).
+   ranges put each shard's rows in a part of the primary key of its own, so
+   a flush's shards seldom wait on each other's locks (a deadlock between
+   them is retried like any conflict).
 3. A transaction that loses a race with another writer (deadlock, or a Galera
    certification conflict: :class:`~persistence.store.errors.Conflict`) is
    retried at once, up to ``database.conflict_retries`` times; each conflict is
