@@ -7,7 +7,9 @@ It measures the service against physical floors measured in the same run:
 - ``db-floor``: raw PyMySQL ``executemany`` of the service's own upsert SQL;
 - ``intake``, ``flush``, ``e2e``, ``coalescing``, ``latency``, ``memory``: the service
   itself, each reported as a ratio to its floor or to its goal;
-- ``tuning`` (only when named): thread and worker counts compared.
+- ``cpu``: each step of the intake in one thread, without HTTP;
+- ``tuning`` and ``bigtable`` (only when named): thread, worker and flush settings
+  compared; the flush on a table that already holds a million rows.
 
 Modules, by role:
 
@@ -21,7 +23,9 @@ Modules, by role:
 ``measure_http``          HTTP floor, the client check, intake (interleaved)
 ``measure_db``            database floor and the service's own flusher
 ``measure_service``       end to end, coalescing, latency during a flush, memory
-``measure_tuning``        threads and workers compared (opt-in section ``tuning``)
+``measure_tuning``        threads, workers and flush settings compared (opt-in ``tuning``)
+``measure_cpu``           the CPU of each intake step, one thread, no HTTP
+``profile_http``          py-spy on the service's worker under load (run on its own)
 ``report``                goals, the table, results.json and the plot
 ``runner``                options, the order of the sections, clean-up
 ========================  ==========================================================

@@ -48,6 +48,10 @@ class Sizes:
     memory_tasks: int = 100_000
     memory_warmup: int = 16_000
     tuning_e2e_duration: float = 20.0
+    tuning_flush_reps: int = 2
+    bigtable_rows: int = 1_000_000
+    bigtable_write_rows: int = 20_000
+    bigtable_reps: int = 3
 
 
 QUICK = Sizes(
@@ -70,6 +74,10 @@ QUICK = Sizes(
     memory_tasks=10_000,
     memory_warmup=2_000,
     tuning_e2e_duration=2.0,
+    tuning_flush_reps=1,
+    bigtable_rows=20_000,
+    bigtable_write_rows=500,
+    bigtable_reps=1,
 )
 
 

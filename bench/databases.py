@@ -79,8 +79,15 @@ class DbServer:
             conn.close()
 
 
-def service_settings(server: DbServer, database: str, scratch: Path, **buffer: Any) -> Settings:
-    """Settings for an in-process service: defaults, no config file, no environment."""
+def service_settings(
+    server: DbServer,
+    database: str,
+    scratch: Path,
+    database_settings: dict[str, Any] | None = None,
+    **buffer: Any,
+) -> Settings:
+    """Settings for an in-process service: defaults, no config file, no environment;
+    ``database_settings`` and ``buffer`` override keys of those sections."""
     empty = scratch / "empty-config.yaml"
     empty.write_text("{}\n", encoding="utf-8")
     overrides: dict[str, dict[str, Any]] = {
@@ -91,6 +98,7 @@ def service_settings(server: DbServer, database: str, scratch: Path, **buffer: A
             "user": server.user,
             "password": server.password,
             "database": database,
+            **(database_settings or {}),
         },
         "logging": {"file": ""},
         "buffer": buffer,

@@ -58,6 +58,12 @@ def timed_load(
         load.terminate()
     summary = result.summary()
     summary["server_cpu_cores"] = round((cpu_end - cpu_start) / window, 3)
+    # The worker's CPU per task: what the floor's and the service's rates come down to.
+    summary["server_cpu_us_per_task"] = (
+        round(summary["server_cpu_cores"] * 1e6 / summary["tasks_per_s"], 3)
+        if summary["tasks_per_s"]
+        else None
+    )
     return summary
 
 
@@ -96,6 +102,7 @@ def measure(ctx: Context, want_intake: bool) -> dict[str, Any]:
             run["flushed_after_run"] = service.flush()["tasks_written"]  # not timed
             run["floor_tasks_per_s"] = base["tasks_per_s"]
             run["floor_p99_ms"] = base["p99_ms"]
+            run["floor_cpu_us_per_task"] = base["server_cpu_us_per_task"]
             run["ratio_to_floor"] = round(run["tasks_per_s"] / base["tasks_per_s"], 3)
             intake_runs.append(run)
         if service is not None:

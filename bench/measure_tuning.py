@@ -1,10 +1,13 @@
-"""Operator settings compared (opt-in section ``tuning``): threads, workers.
+"""Operator settings compared (opt-in section ``tuning``): threads, workers, flushes.
 
 Intake at 16 concurrent clients (100- and 1000-task batches) with 4, 8
 (the default) and 16 threads, and with 2 workers; then the end-to-end load
 for a shorter time with 1 and with 2 workers (each worker has its own buffer
-and flushes it on its own connection). Each intake run gets a fresh
-instance, stopped without writing what it buffered (the database is dropped).
+and flushes it on connections of its own); then the flusher with 1, 2 and 4
+connections and chunks of 500, 1000 and 5000 rows
+(:func:`bench.measure_db.measure_flush_settings`). Each intake run gets a
+fresh instance, stopped without writing what it buffered (the database is
+dropped).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.context import Context
+from bench.measure_db import measure_flush_settings
 from bench.measure_http import NO_FLUSH, timed_load
 from bench.measure_service import measure_e2e
 
@@ -45,4 +49,4 @@ def measure_tuning(ctx: Context) -> dict[str, Any]:
         result = measure_e2e(ctx, f"tuning_e2e_{label[-1]}", s.tuning_e2e_duration, **env)
         result.pop("samples")
         e2e[label] = result
-    return {"intake": intake, "e2e": e2e}
+    return {"intake": intake, "e2e": e2e, "flush": measure_flush_settings(ctx)}

@@ -42,9 +42,12 @@ SECTIONS = (
     "memory",
     "cpu",
     "tuning",
+    "bigtable",
 )
-# Run when --only is not given; "tuning" (settings compared, about 3 minutes) is opt-in.
-DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "tuning")
+# Run when --only is not given; "tuning" (settings compared, about 3 minutes) and
+# "bigtable" (a million rows written first, about 4 minutes) are opt-in.
+OPT_IN = ("tuning", "bigtable")
+DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in OPT_IN)
 # A section whose ratio needs another: asking for it runs the other too.
 NEEDS = {"intake": ("http-floor",)}
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME,NAME",
         help=(
             f"run only these sections: {', '.join(SECTIONS)}, or all (intake brings "
-            "http-floor; tuning runs only when named or with all)"
+            "http-floor; tuning and bigtable run only when named or with all)"
         ),
     )
     parser.add_argument(
@@ -133,7 +136,16 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     found = {}
-    for name in ("gunicorn", "Flask", "Werkzeug", "marshmallow", "PyMySQL", "DBUtils", "orjson"):
+    for name in (
+        "gunicorn",
+        "Flask",
+        "Werkzeug",
+        "marshmallow",
+        "msgspec",
+        "PyMySQL",
+        "DBUtils",
+        "orjson",
+    ):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -278,3 +290,5 @@ def run_sections(ctx: Context, sections: list[str], results: dict[str, Any]) -> 
         results["e2e"] = measure_service.measure_e2e(ctx)
     if "tuning" in sections:
         results["tuning"] = measure_tuning.measure_tuning(ctx)
+    if "bigtable" in sections:
+        results["bigtable"] = measure_db.measure_bigtable(ctx)

@@ -254,9 +254,11 @@ class DatabaseSettings:
     ssl_cert: str = _setting("", "DB_SSL_CERT")
     ssl_key: str = _setting("", "DB_SSL_KEY")
     max_rows_per_transaction: int = _setting(
-        5000, "DB_MAX_ROWS_PER_TRANSACTION", _between(1, 10_000_000)
+        1000, "DB_MAX_ROWS_PER_TRANSACTION", _between(1, 10_000_000)
     )
     conflict_retries: int = _setting(3, "DB_CONFLICT_RETRIES", _between(0, 100))
+    # Connections a flush writes over at once (MySQL/MariaDB; SQLite always writes over one).
+    flush_connections: int = _setting(2, "DB_FLUSH_CONNECTIONS", _between(1, 16))
 
     @property
     def servers(self) -> tuple[DatabaseServer, ...]:
@@ -531,6 +533,12 @@ def _check_cross_field(settings: Settings) -> None:
             "(client certificates are asked for over HTTPS only)"
         )
     db = settings.database
+    if db.driver == "mysql" and db.pool_size < db.flush_connections:
+        raise ConfigError(
+            f"database.pool_size = {db.pool_size}: must be at least database.flush_connections "
+            f"({db.flush_connections}), or the flush's connections would wait for each other; "
+            "set flush_connections to 1 to flush over one connection"
+        )
     if db.driver == "mysql":
         _check_tls_files(
             "database.ssl_cert", db.ssl_cert, "database.ssl_key", db.ssl_key,

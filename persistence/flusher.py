@@ -10,6 +10,15 @@ everything that was buffered when it was called (tasks still waiting for
 their session aside). The buffer's lock is only taken inside
 :class:`~persistence.durable.DurableBuffer` calls, never around I/O.
 
+Inside one flush, the rows of each record type are written by up to
+``database.flush_connections`` shards at once (:attr:`Store.write_connections`:
+always one on SQLite), the calling thread writing the first and one short-lived
+thread each of the others; the flush waits for every shard to end before it
+goes on, so at most ``flush_connections - 1`` extra threads exist, and only
+while a flush writes. Shards record what they resolve in the batch's
+:class:`_Owned` and count it in :class:`FlushStats`, both under locks of their
+own.
+
 Ownership
 ---------
 A flush drains the buffer into an :class:`_Owned` batch and owns every
@@ -25,12 +34,20 @@ What one flush does
 -------------------
 1. Sessions are written first, then tasks whose session is in the database.
    Tasks whose session is not there yet go back to the buffer and wait; after
-   ``buffer.orphan_task_timeout`` seconds they are dead-lettered.
-2. Rows are written in key order, in transactions of at most
+   ``buffer.orphan_task_timeout`` seconds they are dead-lettered. Every shard
+   of the sessions has ended before the tasks are sorted and written.
+2. The rows of a type are sorted by key and cut into contiguous key ranges of
+   equal size, one per shard; each shard writes its range over a connection of
+   its own, in key order, in transactions of at most
    ``database.max_rows_per_transaction`` rows (one ``executemany`` + commit
    each); the rows of each transaction are resolved as soon as its commit
-   returns. Key order makes concurrent writers lock rows in the same order
-   and keeps their transactions small, so they conflict less.
+   returns. A batch holds one record per key, so no two shards write the same
+   row, and a key's updates keep their order across flushes (flushes never
+   overlap). Key order makes concurrent writers lock rows in the same order
+   and keeps their transactions small, so they conflict less; contiguous
+   ranges put each shard's rows in a part of the primary key of its own, so
+   a flush's shards seldom wait on each other's locks (a deadlock between
+   them is retried like any conflict).
 3. A transaction that loses a race with another writer (deadlock, or a Galera
    certification conflict: :class:`~persistence.store.errors.Conflict`) is
    retried at once, up to ``database.conflict_retries`` times; each conflict is
@@ -51,6 +68,11 @@ What one flush does
      one; once flushes have failed ``buffer.isolate_after_failures`` times in
      a row with it while the database answers probes, the rows are split like
      for a row error, so one row the server cannot take never blocks the rest.
+5. A shard that fails stops; the other shards finish their ranges (what they
+   commit is resolved and counted), then the flush ends with the failure that
+   says most (an interruption, then a fault of the service itself, then an
+   error that needs an operator, else the first shard's); the others are
+   logged. Only what no shard resolved goes back to the buffer.
 """
 
 from __future__ import annotations
@@ -63,6 +85,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import partial
+from itertools import pairwise
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from persistence.config import BufferSettings
@@ -121,10 +146,15 @@ def iso(moment: datetime | None) -> str | None:
 
 
 class FlushStats:
-    """Counters of the flushes of this process (guarded by the flusher's lock), also
-    counted in ``metrics`` when given."""
+    """Counters of the flushes of this process, also counted in ``metrics`` when given.
+
+    The shards of a flush count rows, transactions and conflicts from their own
+    threads: every change takes ``_lock``. Readers (``/stats``) read single
+    attributes without it.
+    """
 
     def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+        self._lock = threading.Lock()
         self.metrics = metrics
         self.started_at = utc_now()
         self.last_flush_time: datetime | None = None
@@ -146,49 +176,65 @@ class FlushStats:
 
     def add_written(self, kind: RecordType, count: int) -> None:
         """Count rows as soon as their commit returned, whatever the flush does next."""
-        if kind is SESSIONS:
-            self.sessions_written += count
-        else:
-            self.tasks_written += count
+        with self._lock:
+            if kind is SESSIONS:
+                self.sessions_written += count
+            else:
+                self.tasks_written += count
         if self.metrics is not None:
             self.metrics.written(kind.name, count)
 
+    def add_transaction(self) -> None:
+        with self._lock:
+            self.transactions += 1
+
     def add_dead_letter(self, kind: RecordType, reason: str) -> None:
-        self.dead_lettered[kind.name] += 1
-        self.dead_letter_reasons[reason] += 1
+        with self._lock:
+            self.dead_lettered[kind.name] += 1
+            self.dead_letter_reasons[reason] += 1
         if self.metrics is not None:
             self.metrics.dead_letter(kind.name, reason)
 
     def add_conflict(self) -> None:
-        self.conflicts += 1
+        with self._lock:
+            self.conflicts += 1
         if self.metrics is not None:
             self.metrics.conflict()
 
     def record_success(self, duration_ms: float, at: datetime) -> None:
-        if at.date() != self._day:
-            self._day, self._flushes_that_day = at.date(), 0
-        self.flush_count += 1
-        self._flushes_that_day += 1
-        self.total_duration_ms += duration_ms
-        self.last_flush_time = at
+        with self._lock:
+            if at.date() != self._day:
+                self._day, self._flushes_that_day = at.date(), 0
+            self.flush_count += 1
+            self._flushes_that_day += 1
+            self.total_duration_ms += duration_ms
+            self.last_flush_time = at
         if self.metrics is not None:
             self.metrics.flush_succeeded(duration_ms)
 
     def flushes_today(self, now: datetime) -> int:
         """Successful flushes since midnight UTC of ``now``."""
-        return self._flushes_that_day if now.date() == self._day else 0
+        with self._lock:
+            return self._flushes_that_day if now.date() == self._day else 0
 
     def record_failure(self, error: str, category: str, at: datetime) -> None:
-        self.failed_flush_count += 1
-        self.last_error, self.last_error_category, self.last_error_time = error, category, at
+        with self._lock:
+            self.failed_flush_count += 1
+            self.last_error, self.last_error_category, self.last_error_time = error, category, at
         if self.metrics is not None:
             self.metrics.flush_failed(category)
 
 
 class _Owned:
-    """The records of one drained batch that the flush has not resolved yet."""
+    """The records of one drained batch that the flush has not resolved yet.
+
+    The shards of a flush resolve disjoint keys from their own threads through
+    :meth:`committed` and :meth:`refuse`, which take ``_lock``; everything else
+    is read and changed by the flush's own thread while no shard runs.
+    """
 
     def __init__(self, sessions: dict[str, Record], tasks: dict[str, Record]) -> None:
+        self._lock = threading.Lock()
         self.records = {SESSIONS.name: sessions, TASKS.name: tasks}
         self.written = {SESSIONS.name: 0, TASKS.name: 0}
         self.written_sessions: set[str] = set()
@@ -199,9 +245,25 @@ class _Owned:
         self.journaled = True
 
     def resolve(self, kind: RecordType, keys: list[str]) -> None:
-        records = self.records[kind.name]
-        for key in keys:
-            records.pop(key, None)
+        with self._lock:
+            records = self.records[kind.name]
+            for key in keys:
+                records.pop(key, None)
+
+    def committed(self, kind: RecordType, keys: list[str]) -> None:
+        """The rows of ``keys`` are in the database: their commit returned."""
+        with self._lock:
+            records = self.records[kind.name]
+            for key in keys:
+                records.pop(key, None)
+            self.written[kind.name] += len(keys)
+            if kind is SESSIONS:
+                self.written_sessions.update(keys)
+
+    def refuse(self, letter: DeadLetter) -> None:
+        """The database refused this record for good: dead-letter it after the shards end."""
+        with self._lock:
+            self.refused.append(letter)
 
     def unresolved(self) -> int:
         return sum(len(records) for records in self.records.values())
@@ -365,9 +427,26 @@ class Flusher:
     def _write_rows(
         self, kind: RecordType, rows: list[Record], owned: _Owned, isolate: bool
     ) -> None:
-        """Upsert ``rows`` in key order, in transactions of at most
+        """Upsert ``rows`` sorted by key, one contiguous key range per write connection,
+        the ranges at the same time; return when every range has ended."""
+        rows = sorted(rows, key=itemgetter(kind.key))
+        shards = min(self.store.write_connections, len(rows))
+        if shards <= 1:
+            self._write_shard(kind, rows, owned, isolate)
+            return
+        bounds = [len(rows) * index // shards for index in range(shards + 1)]
+        _run_together(
+            [
+                partial(self._write_shard, kind, rows[start:end], owned, isolate)
+                for start, end in pairwise(bounds)
+            ]
+        )
+
+    def _write_shard(
+        self, kind: RecordType, rows: list[Record], owned: _Owned, isolate: bool
+    ) -> None:
+        """Upsert ``rows`` (sorted by key) in order, in transactions of at most
         ``database.max_rows_per_transaction`` rows, each resolved when it commits."""
-        rows = sorted(rows, key=lambda row: row[kind.key])
         size = self.store.settings.max_rows_per_transaction
         for start in range(0, len(rows), size):
             self._write_chunk(kind, rows[start : start + size], owned, isolate)
@@ -399,11 +478,7 @@ class Flusher:
                 self._refuse(owned, kind, rows[0], exc, f"{exc.category}_error")
                 return
         else:
-            keys = [row[kind.key] for row in rows]
-            owned.resolve(kind, keys)
-            owned.written[kind.name] += len(rows)
-            if kind is SESSIONS:
-                owned.written_sessions.update(keys)
+            owned.committed(kind, [row[kind.key] for row in rows])
             self.stats.add_written(kind, len(rows))
             return
         middle = len(rows) // 2
@@ -430,7 +505,7 @@ class Flusher:
                 )
                 time.sleep(random.uniform(0, CONFLICT_JITTER * (attempt + 1)))  # noqa: S311
             else:
-                self.stats.transactions += 1
+                self.stats.add_transaction()
                 return
 
     def _refuse(
@@ -439,7 +514,7 @@ class Flusher:
         log.warning(
             "%s %s refused by the database (%s): %s", kind.name, row[kind.key], exc.category, exc
         )
-        owned.refused.append(DeadLetter(kind, row, exc.code, str(exc), reason))
+        owned.refuse(DeadLetter(kind, row, exc.code, str(exc), reason))
 
     def _dead_letter(self, owned: _Owned, letters: list[DeadLetter]) -> None:
         """Write ``letters``; if that fails, put their records back to try again later."""
@@ -515,3 +590,64 @@ class Flusher:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _run_together(jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` at the same time, the first on this thread and each other one on a
+    thread of its own, and return when every one has ended.
+
+    Whatever happens (a job failing, this thread interrupted), no job is still
+    running when this returns or raises, so the caller may hand back what the
+    jobs did not resolve. Raises the failure that says most
+    (:func:`_most_telling`).
+    """
+    failures: list[BaseException | None] = [None] * len(jobs)
+
+    def run(index: int) -> None:
+        try:
+            jobs[index]()
+        except BaseException as exc:  # noqa: BLE001 - raised on the flush's thread below
+            failures[index] = exc
+
+    started: list[threading.Thread] = []
+    try:
+        for index in range(1, len(jobs)):
+            helper = threading.Thread(
+                target=run, args=(index,), name=f"flush-shard-{index}", daemon=True
+            )
+            helper.start()
+            started.append(helper)
+        run(0)
+    finally:
+        for helper in started:
+            helper.join()
+    raised = [exc for exc in failures if exc is not None]
+    if raised:
+        raise _most_telling(raised)
+
+
+def _most_telling(failures: list[BaseException]) -> BaseException:
+    """The failure a flush ends with when several shards failed; the others are logged.
+
+    In this order: an interruption (not an :class:`Exception`), a fault of the
+    service itself (not a :class:`StoreError`: kept for its traceback), an
+    error that needs an operator (reported on ``/health``), else the first
+    shard's.
+    """
+
+    def rank(exc: BaseException) -> int:
+        if not isinstance(exc, Exception):
+            return 0
+        if not isinstance(exc, StoreError):
+            return 1
+        return 2 if isinstance(exc, OperatorError) else 3
+
+    chosen = min(failures, key=rank)
+    for other in failures:
+        if other is chosen:
+            continue
+        if isinstance(other, StoreError):
+            log.warning("another shard of the flush failed too (%s): %s", other.category, other)
+        else:
+            log.error("another shard of the flush failed too", exc_info=other)
+    return chosen

@@ -37,6 +37,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _MAX_CHUNK_LINE = 8190
 _MAX_TRAILERS = 8190 * 32
 _CHUNK_SIZE_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+# The most one recv() hands over of what was read ahead: what Werkzeug reads at a time.
+READ_AHEAD_PIECE = 64 * 1024
 
 
 class ClientSocket(socket.socket):
@@ -80,6 +82,10 @@ class ClientSocket(socket.socket):
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self.read_ahead and not flags:
+            # At most a piece at a time: gunicorn's body reader asks for the whole rest
+            # of the body and keeps what its caller did not take, copying that rest
+            # again for each 64 KiB Werkzeug reads (quadratic in the body's size).
+            bufsize = min(bufsize, READ_AHEAD_PIECE)
             data = bytes(self.read_ahead[:bufsize])
             del self.read_ahead[:bufsize]
             return data

@@ -29,11 +29,17 @@ class FaultyStore(Store):
     ``error`` (a StoreError as is, any other exception as the store would
     translate it). With ``after``, the call runs first: the database did the
     work, but the caller hears that it failed.
+
+    Thread-safe like the store it stands for (a flush writes from several
+    threads): matching a call to a rule and counting it down happen under one
+    lock, so a rule for ``times`` calls fails exactly that many, whichever
+    threads make them; the calls themselves run outside it.
     """
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
         self.rules: list[list[Any]] = []
+        self._rules_lock = threading.Lock()
 
     def fail_when(
         self,
@@ -42,19 +48,22 @@ class FaultyStore(Store):
         times: int | None = None,
         after: bool = False,
     ) -> None:
-        self.rules.append([predicate, error, times, after])
+        with self._rules_lock:
+            self.rules.append([predicate, error, times, after])
 
     def clear(self) -> None:
-        self.rules.clear()
+        with self._rules_lock:
+            self.rules.clear()
 
     def _run(self, func: Any, *args: Any) -> Any:
         name = getattr(func, "__name__", "")
-        rule = next((r for r in self.rules if r[0](name, args)), None)
-        if rule is not None:
-            if rule[2] is not None:
+        with self._rules_lock:
+            rule = next((r for r in self.rules if r[0](name, args)), None)
+            if rule is not None and rule[2] is not None:
                 rule[2] -= 1
                 if rule[2] <= 0:
                     self.rules.remove(rule)
+        if rule is not None:
             if rule[3]:
                 super()._run(func, *args)
             error = rule[1]

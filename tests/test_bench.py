@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end (``python -m bench --quick``) and reports every section.
+"""The benchmark harness runs end to end (``python -m bench --quick``, the default sections
+and the big table) and reports every section.
 
 Speed is never asserted: only that each measurement was taken and is a positive number.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench.runner import DEFAULT_SECTIONS
 from tests.conftest import MysqlServer
 
 pytestmark = [pytest.mark.mysql, pytest.mark.e2e]
@@ -47,10 +49,19 @@ MEASURED = {
         "journal_runs[].tasks_per_s",
     ],
     "flush": [
-        "insert.flusher_rows_per_s",
-        "insert.ratio",
-        "update.flusher_rows_per_s",
-        "update.ratio",
+        "runs[].connections",
+        "runs[].insert.flusher_rows_per_s",
+        "runs[].insert.ratio",
+        "runs[].update.flusher_rows_per_s",
+        "runs[].update.ratio",
+    ],
+    "bigtable": [
+        "table_before.rows",
+        "table_before.data_mib",
+        "floor.one_connection.insert_rows_per_s",
+        "floor.two_connections.update_rows_per_s",
+        "flush.runs[].insert.ratio",
+        "flush.runs[].update.ratio",
     ],
     "e2e": [
         "accepted_tasks_per_s",
@@ -88,6 +99,8 @@ def test_quick_benchmark_reports_every_section(mysql_server: MysqlServer, tmp_pa
             "-m",
             "bench",
             "--quick",
+            "--only",
+            ",".join([*DEFAULT_SECTIONS, "bigtable"]),
             "--out",
             str(out),
             "--db-host",
@@ -123,6 +136,8 @@ def test_quick_benchmark_reports_every_section(mysql_server: MysqlServer, tmp_pa
     assert goals
     assert all(isinstance(goal["pass"], bool) for goal in goals)
     assert results["e2e"]["all_accepted_landed"] is True
+    assert [run["connections"] for run in results["flush"]["runs"]] == [1, 2]
+    assert results["bigtable"]["table_after"]["rows"] > results["bigtable"]["table_before"]["rows"]
     assert "Goals" in result.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "plot.png").stat().st_size > 0

@@ -537,6 +537,21 @@ def test_retry_backoff_max_below_initial_is_an_error() -> None:
     assert "retry_backoff_initial (10.0)" in message
 
 
+def test_a_pool_smaller_than_the_flush_connections_is_an_error() -> None:
+    message = config_error(
+        environ={"DB_DRIVER": "mysql", "DB_POOL_SIZE": "2", "DB_FLUSH_CONNECTIONS": "3"}
+    )
+    assert message.startswith("database.pool_size = 2")
+    assert "database.flush_connections (3)" in message
+
+
+def test_a_pool_of_one_connection_is_accepted_when_flushes_use_one() -> None:
+    settings = load_settings(
+        environ={"DB_DRIVER": "mysql", "DB_POOL_SIZE": "1", "DB_FLUSH_CONNECTIONS": "1"}
+    )
+    assert (settings.database.pool_size, settings.database.flush_connections) == (1, 1)
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

@@ -7,7 +7,10 @@ trigger that signals an error code).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,9 @@ from persistence.config import BufferSettings
 from persistence.durable import DurableBuffer
 from persistence.flusher import Flusher, FlushFailed
 from persistence.journal import RecoveryReport, read_segment
-from persistence.records import ORDER_COLUMN, SESSIONS, TASKS
+from persistence.records import ORDER_COLUMN, SESSIONS, TASKS, Record, RecordType
 from persistence.service import PersistenceService
-from persistence.store import TransientError, UnclassifiedError
+from persistence.store import OperatorError, Store, TransientError, UnclassifiedError
 from tests.conftest import Database, make_settings
 from tests.factories import new_session_id, session, task
 from tests.faults import FaultyStore, writes_to
@@ -102,7 +105,10 @@ def test_an_unclassified_error_is_retried_then_isolated_to_its_row(
             flusher.flush_once()
         assert db.count("persistence_dead_letters") == 0
     result = flusher.flush_once()
-    assert (result.tasks_written, result.dead_lettered) == (39, 1)
+    assert result.dead_lettered == 1
+    # On MySQL the rows are split over two connections: the other half of the tasks
+    # was written by the failed flushes already.
+    assert flusher.stats.tasks_written == 39
     [(key, reason)] = db.query("SELECT record_key, error_message FROM persistence_dead_letters")
     assert key == bad
     assert "cannot escape this value" in reason
@@ -124,6 +130,140 @@ def test_a_lost_connection_is_not_blamed_on_a_row_while_the_database_is_down(
             flusher.flush_once()
     assert db.count("persistence_dead_letters") == 0
     assert buffered(durable) == {"sessions": 1, "tasks": 0}
+
+
+# --- flushing over two connections (MySQL; SQLite always writes over one) ----------------
+
+on_mysql = pytest.mark.parametrize(
+    "db", [pytest.param("mysql", marks=pytest.mark.mysql)], indirect=True
+)
+
+
+class SimultaneousWrites:
+    """Stands in for ``store.upsert`` of tasks: each write waits until both shards are inside
+    one (so they provably run at the same time), then runs the real one, or ``fail(keys)``
+    raises instead for the shard it names."""
+
+    def __init__(self, store: Store, fail: Callable[[list[str]], Exception | None]) -> None:
+        self.real = store.upsert
+        self.fail = fail
+        self.both_writing = threading.Barrier(2, timeout=10)
+        self.calls: list[tuple[int, list[str]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: RecordType, records: Sequence[Record]) -> None:
+        if kind is TASKS:
+            keys = [record[TASKS.key] for record in records]
+            with self._lock:
+                self.calls.append((threading.get_ident(), keys))
+            self.both_writing.wait()
+            error = self.fail(keys)
+            if error is not None:
+                raise error
+        self.real(kind, records)
+
+
+def sessions_flushed_then_tasks(
+    durable: DurableBuffer, flusher: Flusher, count: int
+) -> tuple[list[str], list[str]]:
+    """Write a session, then buffer ``count`` of its tasks: the lower and the upper half
+    of their keys, the ranges the two shards of the next flush take."""
+    sid = new_session_id()
+    durable.add(SESSIONS, [session(session_id=sid)])
+    flusher.flush_once()
+    tasks = [task(sid) for _ in range(count)]
+    durable.add(TASKS, tasks)
+    keys = sorted(t["task_id"] for t in tasks)
+    return keys[: count // 2], keys[count // 2 :]
+
+
+def written_tasks(db: Database) -> list[str]:
+    return sorted(row[0] for row in db.query("SELECT task_id FROM translation_tasks"))
+
+
+@on_mysql
+def test_two_shards_write_contiguous_key_ranges_at_the_same_time(parts: Any, db: Database) -> None:
+    durable, store, make = parts
+    flusher = make()
+    lower, upper = sessions_flushed_then_tasks(durable, flusher, 40)
+    writes = SimultaneousWrites(store, lambda keys: None)
+    store.upsert = writes  # type: ignore[method-assign]
+    result = flusher.flush_once()  # a shard that waited for the other alone would time out
+    assert result.tasks_written == 40
+    assert sorted(keys for _, keys in writes.calls) == [lower, upper]
+    assert len({thread for thread, _ in writes.calls}) == 2
+    assert written_tasks(db) == lower + upper
+    assert flusher.stats.transactions == 3  # the session, then one per shard
+
+
+@on_mysql
+def test_a_fault_in_one_shard_puts_back_only_its_range_while_the_other_commits(
+    parts: Any, db: Database
+) -> None:
+    durable, store, make = parts
+    flusher = make()
+    lower, upper = sessions_flushed_then_tasks(durable, flusher, 40)
+    writes = SimultaneousWrites(
+        store,
+        lambda keys: (
+            TransientError("injected: lock wait timeout", 1205) if keys[0] in upper else None
+        ),
+    )
+    store.upsert = writes  # type: ignore[method-assign]
+    with pytest.raises(FlushFailed, match="lock wait timeout") as failed:
+        flusher.flush_once()
+    assert failed.value.result.tasks_written == 20
+    assert flusher.stats.tasks_written == 20
+    assert flusher.stats.last_error_category == "transient"
+    assert written_tasks(db) == lower
+    assert sorted(durable.buffer.sample_keys(100)["tasks"]) == upper
+    assert durable.buffer.counts()["in_flight"] == 0
+    del store.upsert
+    assert flusher.flush_once().tasks_written == 20
+    assert written_tasks(db) == lower + upper
+
+
+@on_mysql
+@pytest.mark.parametrize(
+    ("error", "category"),
+    [
+        (OperatorError("injected: table is read only", 1036), "needs_operator"),
+        (RuntimeError("injected: a bug"), "unexpected"),
+    ],
+)
+def test_when_both_shards_fail_the_flush_ends_with_the_failure_that_says_most(
+    parts: Any, db: Database, caplog: pytest.LogCaptureFixture, error: Exception, category: str
+) -> None:
+    durable, store, make = parts
+    flusher = make()
+    lower, upper = sessions_flushed_then_tasks(durable, flusher, 10)
+    transient = TransientError("injected: lock wait timeout", 1205)
+    writes = SimultaneousWrites(store, lambda keys: transient if keys[0] in lower else error)
+    store.upsert = writes  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, "persistence.flusher"), pytest.raises(FlushFailed):
+        flusher.flush_once()
+    assert flusher.stats.last_error_category == category
+    assert (flusher.operator_error is not None) == (category == "needs_operator")
+    assert "another shard of the flush failed too (transient)" in caplog.text
+    assert sorted(durable.buffer.sample_keys(100)["tasks"]) == lower + upper
+    assert written_tasks(db) == []
+
+
+@on_mysql
+def test_two_shards_take_turns_on_a_pool_of_one_connection(tmp_path: Path, db: Database) -> None:
+    """A pool smaller than the shards makes them wait for each other, never deadlock
+    (the configuration refuses it; a store built without that check still works)."""
+    settings = make_settings(tmp_path, database=db.settings).database
+    store = Store(dataclasses.replace(settings, pool_size=1, max_rows_per_transaction=7))
+    store.prepare()
+    durable = DurableBuffer(Buffer(1000, 1 << 30))
+    flusher = Flusher(durable, store, BufferSettings())
+    try:
+        lower, upper = sessions_flushed_then_tasks(durable, flusher, 60)
+        assert flusher.flush_once().tasks_written == 60
+        assert written_tasks(db) == lower + upper
+    finally:
+        store.close()
 
 
 def test_a_dropped_table_needs_an_operator_and_is_created_again(

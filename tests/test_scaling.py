@@ -203,10 +203,17 @@ def test_stamps_follow_the_database_clock_and_never_go_back() -> None:
 def chunked(
     tmp_path: Path, db: Database
 ) -> Iterator[tuple[DurableBuffer, FaultyStore, Callable[..., Flusher], list[list[str]]]]:
-    """A flusher over a faulty store that writes at most 10 rows per transaction, and the
-    keys of every task upsert attempted, in order."""
+    """A flusher over a faulty store that writes at most 10 rows per transaction over one
+    connection (tests/test_flusher.py covers two), and the keys of every task upsert
+    attempted, in order."""
     settings = make_settings(
-        tmp_path, database={**db.settings, "max_rows_per_transaction": 10, "conflict_retries": 2}
+        tmp_path,
+        database={
+            **db.settings,
+            "max_rows_per_transaction": 10,
+            "conflict_retries": 2,
+            "flush_connections": 1,
+        },
     )
     store = FaultyStore(settings.database)
     store.prepare()

@@ -1,11 +1,15 @@
 """The database side: a DBUtils pool, batched upserts, dead letters, health probes.
 
-Threading contract: a :class:`Store` may be used from any thread. Each write
-takes a pooled connection for one ``executemany`` and one ``commit`` and
-returns it. The pool is created on first use, never at import or in
-``create_app``, so it is always created in the process that uses it (after
-gunicorn forks). :meth:`Store.probe` uses a connection of its own with short
-timeouts, so a hung pool never delays ``/health``.
+Threading contract: a :class:`Store` may be used from any thread, and several
+threads may write at once (a flush writes over :attr:`Store.write_connections`
+connections in parallel). Each write takes a pooled connection for one
+``executemany`` and one ``commit`` and returns it; no method holds one pooled
+connection while it waits for another, so a pool smaller than the number of
+writers makes them take turns, never deadlock. The pool is created on first
+use, never at import or in ``create_app``, so it is always created in the
+process that uses it (after gunicorn forks). :meth:`Store.probe` uses a
+connection of its own with short timeouts, so a hung pool never delays
+``/health``.
 
 With several servers in ``database.host`` the pool and the probes follow the
 server in use (:mod:`persistence.store.servers`): an error that says the
@@ -124,6 +128,12 @@ class Store:
         if self.servers is None:
             return self.settings.sqlite_path
         return str(self.servers.current)
+
+    @property
+    def write_connections(self) -> int:
+        """How many connections a flush writes over at once: ``database.flush_connections``,
+        or 1 where the database takes one writer at a time (SQLite)."""
+        return self.settings.flush_connections if self.dialect.concurrent_writers else 1
 
     def create_schema(self, create_database: bool = False) -> None:
         """Create what is missing of the tables; with ``create_database``, the database too.

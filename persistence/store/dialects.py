@@ -30,6 +30,7 @@ from persistence.store.errors import (
     StoreError,
     UnclassifiedError,
 )
+from persistence.store.multirow import MultiRowCursor
 from persistence.store.tls import DatabaseTls
 from persistence.store.tls import needs_operator as tls_needs_operator
 
@@ -62,6 +63,9 @@ class Dialect(ABC):
     # Statements that take and release a named lock around schema changes, so that
     # instances starting together change the schema one at a time; None: no such lock.
     schema_lock_sql: tuple[str, str] | None = None
+    # Whether transactions on several connections write at the same time (SQLite has one
+    # writer per file: a second connection would only wait for the first one's lock).
+    concurrent_writers: bool = True
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
@@ -173,6 +177,7 @@ class MysqlDialect(Dialect):
             "password": s.password,
             "charset": "utf8mb4",
             "autocommit": False,
+            "cursorclass": MultiRowCursor,
             "connect_timeout": s.connect_timeout,
             "read_timeout": s.read_timeout,
             "write_timeout": s.write_timeout,
@@ -263,6 +268,7 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     placeholder = "?"
     ddl_file = "sqlite.sql"
+    concurrent_writers = False
 
     def _connect_args(self, timeout: float) -> dict[str, Any]:
         return {
