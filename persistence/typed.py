@@ -99,7 +99,10 @@ class TypedBatch:
         """
         for record, stamp in zip(self.records, stamps, strict=True):
             setattr(record, ORDER_COLUMN, stamp)
-        return list(map(self._encode, self.records))
+        encode = self._encode
+        # Copied to their exact length: msgspec's result keeps its working buffer's spare
+        # room (about a third more per record), and these bytes stay in the buffer.
+        return [bytes(memoryview(encode(record))) for record in self.records]
 
 
 class TypedDecoder:
