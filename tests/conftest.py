@@ -17,7 +17,6 @@ import secrets
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,18 @@ from typing import Any
 
 import pymysql
 import pytest
-import requests
 from flask import Flask
 
 from persistence import create_app
 from persistence.config import Settings, load_settings
 from persistence.service import PersistenceService
-from tests.gunicorn_server import Server, free_port, gunicorn_command, service_env
+from tests.gunicorn_server import (
+    Server,
+    free_port,
+    gunicorn_command,
+    service_env,
+    wait_until_answering,
+)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REAL_CONNECT = pymysql.connect
@@ -286,16 +290,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             )
         server = Server(process, f"http://127.0.0.1:{port}", log)
         servers.append(server)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
-            try:
-                if server.get("/health").status_code in (200, 503):
-                    return server
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
+        return wait_until_answering(server)
 
     yield start
     for server in servers:

@@ -68,6 +68,21 @@ def service_env(tmp_path: Path, **env: str) -> dict[str, str]:
     return base
 
 
+def wait_until_answering(server: Any, timeout: float = 30.0) -> Any:
+    """Return ``server`` once its /health answers (200 or 503); fail if gunicorn exits
+    first or stays silent. ``server`` has ``process``, ``get`` and ``output``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"gunicorn exited early:\n{server.output()}")
+        try:
+            if server.get("/health").status_code in (200, 503):
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError(f"gunicorn did not answer in {timeout:g} s:\n{server.output()}")
+
+
 def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -38,7 +38,15 @@ from persistence.http_connection import (
 from tests.certs import CertSet, KeyPair, make_self_signed, make_test_certs
 from tests.conftest import Database, MysqlServer, make_settings
 from tests.factories import new_session_id, session, task
-from tests.gunicorn_server import API, Server, free_port, gunicorn_command, service_env, wait_for
+from tests.gunicorn_server import (
+    API,
+    Server,
+    free_port,
+    gunicorn_command,
+    service_env,
+    wait_for,
+    wait_until_answering,
+)
 
 TASKS = f"{API}/tasks/batch"
 SESSIONS = f"{API}/sessions/batch"
@@ -201,16 +209,7 @@ def start_https_server(tmp_path: Path) -> Iterator[Callable[..., HttpsServer]]:
         trusted = str(ca or pair.cert)
         server = HttpsServer(process, f"https://127.0.0.1:{port}", log, trusted, cert)
         servers.append(server)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited early:\n{server.output()}")
-            try:
-                if server.get("/health").status_code in (200, 503):
-                    return server
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.output()}")
+        return wait_until_answering(server)
 
     yield start
     for server in servers:
