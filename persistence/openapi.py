@@ -91,6 +91,9 @@ class FlushCountsSchema(_Body):
     tasks_waiting = fields.Integer(required=True)
     duration_ms = fields.Float(required=True)
     workers = fields.Integer(required=True)
+    instance_id = fields.String(
+        required=True, metadata={"description": "service.instance_id, else <host name>:<port>."}
+    )
 
 
 class FlushedSchema(FlushCountsSchema):
@@ -121,6 +124,26 @@ class HealthBufferSchema(_Body):
     last_flush = fields.DateTime(required=True, allow_none=True)
 
 
+class TlsSchema(_Body):
+    required = fields.Boolean(required=True, metadata={"description": "database.ssl_ca is set."})
+    enabled = fields.Boolean(
+        required=True, allow_none=True, metadata={"description": "null: the probe did not connect."}
+    )
+    verified = fields.Boolean(required=True)
+    identity = fields.Boolean(required=True)
+    version = fields.String(required=True, allow_none=True)
+    cipher = fields.String(required=True, allow_none=True)
+
+
+class ClockSchema(_Body):
+    skew_seconds = fields.Float(
+        required=True, metadata={"description": "This host's clock minus the database's."}
+    )
+    uncertainty_seconds = fields.Float(required=True)
+    max_skew_seconds = fields.Float(required=True)
+    measured_at = fields.DateTime(required=True)
+
+
 class HealthSchema(_Body):
     status = fields.String(required=True, validate=validate.OneOf(["healthy", "unhealthy"]))
     database = fields.String(required=True, validate=validate.OneOf(["healthy", "unhealthy"]))
@@ -129,6 +152,17 @@ class HealthSchema(_Body):
     workers = fields.Integer(required=True)
     database_error = fields.String(allow_none=True)
     problems = fields.List(fields.String())
+    instance_id = fields.String(
+        required=True, metadata={"description": "service.instance_id, else <host name>:<port>."}
+    )
+    database_server = fields.String(
+        required=True, metadata={"description": "The server in use (the file, for SQLite)."}
+    )
+    tls = fields.Nested(TlsSchema, metadata={"description": "Driver mysql only."})
+    galera = fields.Dict(
+        keys=fields.String(), metadata={"description": "On a Galera node only: its wsrep state."}
+    )
+    clock = fields.Nested(ClockSchema, metadata={"description": "Driver mysql, once measured."})
 
 
 class StatsBufferSchema(_Body):
@@ -157,6 +191,8 @@ class StatsFlushInfoSchema(_Body):
     last_error_time = fields.DateTime(required=True, allow_none=True)
     needs_operator = fields.String(required=True, allow_none=True)
     retry_in_seconds = fields.Float(required=True)
+    transactions = fields.Integer(required=True)
+    conflicts = fields.Integer(required=True)
 
 
 class StatsPerformanceSchema(_Body):
@@ -190,6 +226,7 @@ class StatsJournalSchema(_Body):
 class StatsDatabaseSchema(_Body):
     driver = fields.String(required=True, validate=validate.OneOf(["sqlite", "mysql"]))
     max_record_bytes = fields.Integer(required=True, allow_none=True)
+    server = fields.String(required=True)
 
 
 class StatsWorkersSchema(_Body):
@@ -211,6 +248,10 @@ class StatsSchema(_Body):
     database = fields.Nested(StatsDatabaseSchema, required=True)
     timestamp = fields.DateTime(required=True)
     workers = fields.Nested(StatsWorkersSchema, required=True)
+    instance_id = fields.String(
+        required=True, metadata={"description": "service.instance_id, else <host name>:<port>."}
+    )
+    clock = fields.Nested(ClockSchema, required=True, allow_none=True)
 
 
 # --- what the record schemas' own field classes know ------------------------------------------
